@@ -1,0 +1,48 @@
+# Two entry points: `make demo` (the main job on the embedded synthetic dataset) and `make test`
+# (the whole suite). Both create .venv at the repository root on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: demo test lint format sync wheels bench clean
+
+$(VENV)/.kit: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.kit
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.kit
+	$(PY) -m kit demo
+
+test: $(VENV)/.dev lint
+	$(PY) -m pytest tests/
+	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks/
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check kit tests bench notebooks/*.py
+	$(VENV)/bin/ruff format --check kit tests bench
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff format kit tests bench
+	$(VENV)/bin/ruff check --fix kit tests bench
+
+# Rewrite each notebook's .ipynb from its .py (the .py is the source of truth).
+sync: $(VENV)/.dev
+	$(VENV)/bin/jupytext --to ipynb --update notebooks/*.py
+
+wheels: $(VENV)/.dev
+	$(PY) -m kit wheels
+
+bench: $(VENV)/.dev
+	$(PY) bench/rle.py
+	$(PY) bench/loader.py
+	$(PY) bench/predict.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from kit import env
+
+
+def make_competition(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "train.csv").write_text("id,encoding\n")
+    (path / "sample_submission.csv").write_text("id,predicted\n")
+    return path
+
+
+def test_detect_kinds(tmp_path):
+    missing = tmp_path / "no-kaggle"
+    assert env.detect(modules={}, environ={}, kaggle_input=missing) == "local"
+    assert env.detect(modules={"google.colab": object()}, environ={}, kaggle_input=missing) == (
+        "colab"
+    )
+    assert env.detect(modules={}, environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, kaggle_input=missing)
+    kaggle = tmp_path / "input"
+    kaggle.mkdir()
+    assert env.detect(modules={"google.colab": 1}, environ={}, kaggle_input=kaggle) == "kaggle"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "hubmap-kidney-segmentation",
+        "competitions/hubmap-kidney-segmentation",
+        "datasets/someone/hubmap-kidney-segmentation",
+    ],
+)
+def test_finds_competition_in_every_mount_layout(tmp_path, layout):
+    root = tmp_path / "input"
+    # A decoy dataset with only one marker file must not be taken.
+    (root / "aaa-decoy").mkdir(parents=True)
+    (root / "aaa-decoy" / "sample_submission.csv").write_text("id,predicted\n")
+    target = make_competition(root / layout)
+    assert env.find_competition_data(root) == target
+    assert env.find_data(environ={}, kaggle_input=root, local=()) == (target, "kaggle")
+
+
+def test_prefers_the_competition_name(tmp_path):
+    root = tmp_path / "input"
+    make_competition(root / "aaa-copy")
+    target = make_competition(root / "competitions" / env.COMPETITION)
+    assert env.find_competition_data(root) == target
+
+
+def test_env_override_wins_and_is_checked(tmp_path):
+    data = make_competition(tmp_path / "mine")
+    kaggle = make_competition(tmp_path / "input" / env.COMPETITION)
+    got = env.find_data(environ={"HUBMAP_DATA": str(data)}, kaggle_input=kaggle.parent)
+    assert got == (data, "env")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        env.find_data(environ={"HUBMAP_DATA": str(tmp_path / "nowhere")})
+
+
+def test_local_then_nothing(tmp_path):
+    local = make_competition(tmp_path / "data")
+    missing = tmp_path / "no-kaggle"
+    got = env.find_data(environ={}, kaggle_input=missing, local=(tmp_path / "x", local))
+    assert got == (local, "local")
+    with pytest.raises(FileNotFoundError, match="HUBMAP_DATA"):
+        env.find_data(environ={}, kaggle_input=missing, local=(tmp_path / "x",), synthetic=False)
+
+
+def test_find_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "best.pt").write_bytes(b"x")
+    (tmp_path / "a" / "last.pt").write_bytes(b"x")
+    assert env.find_files("**/best.pt", (tmp_path, tmp_path / "missing")) == [
+        tmp_path / "a" / "b" / "best.pt"
+    ]
