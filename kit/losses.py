@@ -1,0 +1,139 @@
+"""Training losses for binary segmentation: soft Dice and BCE + Dice, on logits.
+
+The maths lives in plain functions; `BCEDiceLoss` is a thin ``nn.Module`` holding the weights.
+Dice is computed over the whole batch by default (one sum over samples and pixels): tiles with no
+glomerulus then neither dominate the loss nor make it undefined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_dice_score(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    smooth: float = 1.0,
+    eps: float = 1e-7,
+    dims: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Soft Dice ``(2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``.
+
+    Args:
+        probs: probabilities in [0, 1].
+        target: same shape, 0/1 (or soft) labels, float.
+        smooth: added to numerator and denominator; 1.0 makes an empty target met by an empty
+            prediction score 1 rather than 0/0.
+        eps: lower bound of the denominator, so ``smooth=0`` on empty inputs gives 0, not NaN.
+        dims: dimensions summed over; None sums over everything (one score for the batch).
+
+    Shape:
+        - probs, target: any shape, equal.
+        - Output: scalar when ``dims`` is None, else `probs`' shape without ``dims``.
+    """
+    if probs.shape != target.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} differ")
+    dims = tuple(range(probs.ndim)) if dims is None else tuple(dims)
+    intersection = (probs * target).sum(dims)
+    cardinality = probs.sum(dims) + target.sum(dims)
+    return (2.0 * intersection + smooth) / (cardinality + smooth).clamp_min(eps)
+
+
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    smooth: float = 1.0,
+    eps: float = 1e-7,
+    dims: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``1 - soft Dice`` of ``sigmoid(logits)`` against `target`, meaned over what `dims` leaves.
+
+    Args:
+        logits: raw model outputs, any float dtype (computed in float32).
+        target: 0/1 mask, float, uint8 or bool.
+        smooth, eps: see `soft_dice_score`.
+        dims: dimensions summed over; None (default) pools the whole batch; ``(1, 2, 3)`` gives
+            one Dice per sample, then their mean.
+
+    Shape:
+        - logits: (N, 1, h, w).
+        - target: (N, 1, h, w) or (N, h, w).
+        - Output: scalar.
+    """
+    logits, target = _prepare(logits, target)
+    return (
+        1.0
+        - soft_dice_score(torch.sigmoid(logits), target, smooth=smooth, eps=eps, dims=dims).mean()
+    )
+
+
+def bce_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bce_weight: float = 0.8,
+    dice_weight: float = 0.2,
+    *,
+    smooth: float = 1.0,
+) -> torch.Tensor:
+    """``bce_weight * BCE + dice_weight * Dice loss``: BCE averaged over pixels, Dice batch-wise.
+
+    Args:
+        logits: raw model outputs, any float dtype (computed in float32).
+        target: 0/1 mask, float, uint8 or bool.
+        bce_weight, dice_weight: non-negative weights of the two terms.
+        smooth: Dice smoothing, see `soft_dice_score`.
+
+    Shape:
+        - logits: (N, 1, h, w).
+        - target: (N, 1, h, w) or (N, h, w).
+        - Output: scalar.
+    """
+    if bce_weight < 0 or dice_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got bce={bce_weight}, dice={dice_weight}")
+    logits, target = _prepare(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    dice = 1.0 - soft_dice_score(torch.sigmoid(logits), target, smooth=smooth)
+    return bce_weight * bce + dice_weight * dice
+
+
+class BCEDiceLoss(nn.Module):
+    """`bce_dice_loss` as a module.
+
+    Shape:
+        - logits: (N, 1, h, w).
+        - target: (N, 1, h, w) or (N, h, w), float, uint8 or bool 0/1.
+        - Output: scalar.
+    """
+
+    def __init__(self, bce_weight: float = 0.8, dice_weight: float = 0.2, smooth: float = 1.0):
+        super().__init__()
+        if bce_weight < 0 or dice_weight < 0:
+            raise ValueError(f"loss weights must be >= 0, got bce={bce_weight}, dice={dice_weight}")
+        self.bce_weight = bce_weight
+        self.dice_weight = dice_weight
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bce_dice_loss(logits, target, self.bce_weight, self.dice_weight, smooth=self.smooth)
+
+    def extra_repr(self) -> str:
+        return f"bce_weight={self.bce_weight}, dice_weight={self.dice_weight}, smooth={self.smooth}"
+
+
+def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits and a float32 target of the same shape (a missing channel axis is added)."""
+    if target.ndim == logits.ndim - 1 and logits.ndim >= 2 and logits.shape[1] == 1:
+        target = target.unsqueeze(1)
+    if logits.shape != target.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match; "
+            "expected (N, 1, h, w) logits with (N, 1, h, w) or (N, h, w) target"
+        )
+    # Under autocast logits may be float16: sums over a batch of pixels need float32.
+    return logits.float(), target.float()

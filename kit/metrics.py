@@ -1,0 +1,182 @@
+"""Dice as the competition scores it, accumulated over batches or strips and computed once.
+
+Dice = 2|X∩Y| / (|X| + |Y|), and 1 when both masks are empty. The accumulators sum the three
+counts (intersection, predicted, true pixels) in int64 — whole slides exceed 2**31 pixels — and
+`compute()` divides once: the mean of per-batch Dice is a different, biased number.
+
+    score = DiceScore()
+    for prob, mask in batches:
+        score.update(prob > 0.5, mask)
+    score.compute()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+Array = np.ndarray | torch.Tensor
+
+# Elements per numpy chunk (16 Mi): whole-slide masks hold over 10**9 pixels.
+_CHUNK = 1 << 24
+
+
+def dice(pred: Array, target: Array) -> float:
+    """Dice of two binary masks (nonzero = foreground); 1.0 when both are empty.
+
+    Shape:
+        - pred, target: any shape, equal ((N, 1, h, w) against (N, h, w) is accepted).
+    """
+    return _dice_from_counts(*binary_counts(pred, target))
+
+
+def binary_counts(pred: Array, target: Array) -> tuple[int, int, int]:
+    """(intersection, pred sum, target sum) of two binary masks, nonzero = foreground.
+
+    Floating-point masks must hold only 0 and 1, so that probabilities passed by mistake are
+    refused rather than counted as foreground.
+    """
+    pred, target = _match(pred, target)
+    counts = []
+    for p, t in _chunks(pred, target):
+        for name, a in (("pred", p), ("target", t)):
+            if _is_float(a) and bool(((a != 0) & (a != 1)).any()):
+                raise ValueError(
+                    f"{name} holds values other than 0 and 1: threshold probabilities first "
+                    "(prob > t), or use ThresholdSweep"
+                )
+        p, t = p != 0, t != 0
+        counts.append([_count(p & t), _count(p), _count(t)])
+    return tuple(_total(counts).tolist())
+
+
+class DiceScore:
+    """Dice over everything seen: accumulates the three counts, divides once in `compute`.
+
+    Masks may be numpy arrays or torch tensors (on any device), bool/int, or float of 0/1.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen."""
+        self.stats = np.zeros(3, dtype=np.int64)  # intersection, pred sum, target sum
+
+    def update(self, pred: Array, target: Array) -> None:
+        """Add a batch of binary masks (nonzero = foreground), any shape, pred and target equal."""
+        self.stats += np.asarray(binary_counts(pred, target), dtype=np.int64)
+
+    def compute(self) -> float:
+        """Dice of all masks seen; 1.0 when nothing (or nothing but empty masks) was seen."""
+        return _dice_from_counts(*self.stats.tolist())
+
+
+class ThresholdSweep:
+    """Dice at several thresholds over everything seen, masks taken as ``prob > t`` (strict).
+
+    Args:
+        thresholds: distinct finite thresholds, stored sorted.
+    """
+
+    def __init__(self, thresholds: Iterable[float]) -> None:
+        values = [float(t) for t in thresholds]
+        if not values or not all(math.isfinite(t) for t in values):
+            raise ValueError(f"thresholds must be a non-empty list of finite numbers: {values}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"thresholds must be distinct: {values}")
+        self.thresholds = sorted(values)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen."""
+        # Per threshold: intersection, pred sum; the target sum is shared.
+        self.intersection = np.zeros(len(self.thresholds), dtype=np.int64)
+        self.pred_sum = np.zeros(len(self.thresholds), dtype=np.int64)
+        self.target_sum = 0
+
+    def update(self, prob: Array, target: Array) -> None:
+        """Add probabilities (float, any shape) and their binary target (nonzero = foreground)."""
+        prob, target = _match(prob, target)
+        counts = []  # per chunk: target sum, then intersection and pred sum per threshold
+        for p, t in _chunks(prob, target):
+            t = t != 0
+            row = [_count(t)]
+            for th in self.thresholds:
+                hit = p > th
+                row += [_count(hit & t), _count(hit)]
+            counts.append(row)
+        total = _total(counts)
+        self.target_sum += int(total[0])
+        self.intersection += total[1::2]
+        self.pred_sum += total[2::2]
+
+    def compute(self) -> dict[float, float]:
+        """Dice per threshold, in increasing threshold order."""
+        return {
+            th: _dice_from_counts(int(i), int(p), self.target_sum)
+            for th, i, p in zip(self.thresholds, self.intersection, self.pred_sum, strict=True)
+        }
+
+    def best(self) -> tuple[float, float]:
+        """(threshold, Dice) of the highest Dice; ties go to the one nearest 0.5, then the lower."""
+        scores = self.compute()
+        return max(scores.items(), key=lambda item: (item[1], -abs(item[0] - 0.5)))
+
+
+def _dice_from_counts(intersection: int, pred_sum: int, target_sum: int) -> float:
+    total = pred_sum + target_sum
+    return 1.0 if total == 0 else 2.0 * intersection / total
+
+
+def _match(pred: Array, target: Array) -> tuple[Array, Array]:
+    """`pred`, `target` of one library and one shape; a singleton channel axis 1 may be dropped."""
+    if isinstance(pred, torch.Tensor) != isinstance(target, torch.Tensor):
+        # Mixed inputs: move the numpy side to the tensor's device (targets are the small ones).
+        if isinstance(pred, torch.Tensor):
+            target = torch.as_tensor(np.asarray(target), device=pred.device)
+        else:
+            pred = torch.as_tensor(np.asarray(pred), device=target.device)
+    elif not isinstance(pred, torch.Tensor):
+        pred, target = np.asarray(pred), np.asarray(target)
+    if pred.ndim == target.ndim + 1 and pred.ndim >= 2 and pred.shape[1] == 1:
+        pred = pred[:, 0]
+    elif target.ndim == pred.ndim + 1 and target.ndim >= 2 and target.shape[1] == 1:
+        target = target[:, 0]
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    return pred, target
+
+
+def _chunks(a: Array, b: Array) -> Iterable[tuple[Array, Array]]:
+    """Aligned pieces of two equal-shape numpy arrays, about `_CHUNK` elements each (tensors whole).
+
+    Chunks bound the temporary boolean arrays made from whole-slide masks.
+    """
+    if isinstance(a, torch.Tensor) or a.ndim == 0 or a.size <= _CHUNK:
+        yield a, b
+        return
+    step = max(1, _CHUNK // max(1, a[0].size))
+    for start in range(0, a.shape[0], step):
+        yield a[start : start + step], b[start : start + step]
+
+
+def _count(mask: Array) -> Array:
+    """Foreground count of a boolean mask: a Python int, or an int64 tensor left on its device."""
+    return mask.sum() if isinstance(mask, torch.Tensor) else np.count_nonzero(mask)
+
+
+def _total(counts: list[list[Array]]) -> np.ndarray:
+    """Column sums of per-chunk counts as int64, with one device-to-host copy for tensors."""
+    if isinstance(counts[0][0], torch.Tensor):
+        return torch.stack([torch.stack(row) for row in counts]).sum(0).cpu().numpy()
+    return np.asarray(counts, dtype=np.int64).sum(0)
+
+
+def _is_float(a: Array) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.is_floating_point()
+    return np.issubdtype(a.dtype, np.floating)
