@@ -25,8 +25,8 @@ test: $(VENV)/.dev lint
 	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks/
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check kit tests bench notebooks/*.py
-	$(VENV)/bin/ruff format --check kit tests bench
+	$(VENV)/bin/ruff check kit tests bench scripts notebooks/*.py
+	$(VENV)/bin/ruff format --check kit tests bench scripts
 
 format: $(VENV)/.dev
 	$(VENV)/bin/ruff format kit tests bench
@@ -34,7 +34,7 @@ format: $(VENV)/.dev
 
 # Rewrite each notebook's .ipynb from its .py (the .py is the source of truth).
 sync: $(VENV)/.dev
-	$(VENV)/bin/jupytext --to ipynb --update notebooks/*.py
+	$(PY) scripts/sync_notebooks.py
 
 wheels: $(VENV)/.dev
 	$(PY) -m kit wheels

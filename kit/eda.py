@@ -131,3 +131,22 @@ def hsv_statistics(thumb: np.ndarray, tissue: np.ndarray) -> dict[str, float]:
         for i, c in enumerate("hsv")
         for s, f in (("mean", np.mean), ("std", np.std))
     }
+
+
+def mask_window(runs, shape: tuple[int, int], rows: slice, cols: slice) -> np.ndarray:
+    """The mask under a window that may extend past the slide (outside is 0).
+
+    Args:
+        runs: an RLE string or the ``(starts0, lengths)`` pair from ``kit.rle.parse``.
+        rows, cols: the window, start/stop in full-resolution pixels.
+    Returns:
+        uint8 (rows length, cols length).
+    """
+    h, w = shape
+    c0, c1 = max(cols.start, 0), min(cols.stop, w)
+    r0, r1 = max(rows.start, 0), min(rows.stop, h)
+    out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), np.uint8)
+    if c0 < c1 and r0 < r1:
+        strip = decode_columns(runs, shape, slice(c0, c1))[r0:r1]
+        out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = strip
+    return out

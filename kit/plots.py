@@ -147,3 +147,25 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def plot_histogram(values, bins: int = 30, xlabel: str = "", title: str = "") -> Figure:
+    """A histogram of ``values`` (e.g. glomerulus diameters)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("plot_histogram needs at least one value")
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.hist(values, bins=bins, color="#8a3f8f")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def show(fig: Figure, path: str | os.PathLike) -> Figure:
+    """Save ``fig`` to ``path`` (PNG) and return it, so a notebook cell both keeps and shows it."""
+    save_figure(fig, path)
+    return fig

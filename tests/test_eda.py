@@ -58,3 +58,18 @@ def test_hsv_statistics():
     stats = eda.hsv_statistics(thumb, np.array([[1, 0], [0, 0]]))
     assert stats["s_mean"] == 255 and stats["v_mean"] == 255 and stats["h_std"] == 0
     assert np.isnan(eda.hsv_statistics(thumb, np.zeros((2, 2)))["h_mean"])
+
+
+def test_mask_window_pads_outside():
+    mask = np.arange(20).reshape(4, 5) % 3 == 0
+    text = rle.encode(mask)
+    padded = np.zeros((8, 9), np.uint8)
+    padded[2:6, 2:7] = mask
+    for rows, cols in [
+        (slice(-2, 3), slice(-1, 4)),
+        (slice(1, 6), slice(3, 7)),
+        (slice(0, 4), slice(0, 5)),
+    ]:
+        got = eda.mask_window(text, mask.shape, rows, cols)
+        want = padded[rows.start + 2 : rows.stop + 2, cols.start + 2 : cols.stop + 2]
+        np.testing.assert_array_equal(got, want)
