@@ -27,6 +27,7 @@ def _synth(args: argparse.Namespace) -> None:
         test_slides=args.test_slides,
         size=tuple(args.size),
         seed=args.seed,
+        patients=args.patients,
         overwrite=args.overwrite,
     )
     _describe_dataset(out)
@@ -137,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to create")
     p.add_argument("--slides", type=int, default=8, help="number of slides in all")
     p.add_argument("--test-slides", type=int, default=2, help="how many of them are test slides")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(2304, 2880))
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(2311, 2897))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patients", type=int, help="number of patients (default ~0.6/slide)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(run=_synth)
 
