@@ -62,38 +62,23 @@ def _infer_config(args: argparse.Namespace, checkpoint: dict):
 
 
 def _load(args: argparse.Namespace):
-    from kit.model import load_model
+    from kit.model import default_device, load_model
 
-    device = args.device or _default_device()
+    device = args.device or default_device()
     model, ckpt = load_model(args.weights, device=device)
     args.device = device
     return model, ckpt
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _predict(args: argparse.Namespace) -> None:
+    from kit.model import fingerprint
     from kit.submit import check_submission, write_submission
 
     model, ckpt = _load(args)
     cfg = _infer_config(args, ckpt)
-    out = write_submission(args.data, model, args.out, cfg, fingerprint=_fingerprint(args.weights))
+    out = write_submission(args.data, model, args.out, cfg, fingerprint=fingerprint(args.weights))
     check_submission(out, args.data)
     print(f"submission: {out}")
-
-
-def _fingerprint(path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _evaluate(args: argparse.Namespace) -> None:

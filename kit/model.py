@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import logging
 import os
 import tempfile
@@ -420,3 +421,20 @@ def _plain(value: Any, where: str) -> Any:
         items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     raise ValueError(f"{where}: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"`` (for callers that must name one)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A short hash of a checkpoint file's bytes: identifies the weights (e.g. for resuming)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]

@@ -344,3 +344,15 @@ def test_load_model_errors_name_the_file(tmp_path):
         load_model(mismatched)
     with pytest.raises(ValueError, match="kit checkpoint, not torchvision weights"):
         build_model("lraspp_mobilenet_v3_large", pretrained=renamed)
+
+
+def test_fingerprint_follows_the_bytes(tmp_path):
+    from kit.model import fingerprint
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights-1")
+    b.write_bytes(b"weights-2")
+    assert fingerprint(a) == fingerprint(a) != fingerprint(b)
+    assert len(fingerprint(a)) == 16
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        fingerprint(tmp_path / "missing.pt")
