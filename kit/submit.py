@@ -1,0 +1,249 @@
+"""The competition's submission file: one RLE per row of sample_submission.csv, atomically.
+
+    write_submission("/kaggle/input/hubmap-kidney-segmentation", model, "submission.csv")
+    check_submission("submission.csv", "/kaggle/input/hubmap-kidney-segmentation")
+
+The rows answered are exactly those of ``sample_submission.csv``, in its order (the hidden test
+set replaces ``test/`` at scoring time: ids are never hard-coded). Each slide is predicted by
+`kit.infer.predict_slide_rle` and its RLE kept in a sidecar folder next to the output
+(``submission.csv.parts/{id}.rle``), keyed by a fingerprint of the predictor, the config and
+the TIFF; a run that was interrupted (a 9-hour Kaggle limit, a crash) resumes where it stopped
+and writes the same bytes. The CSV is assembled from the parts into a temporary file and renamed
+into place, then the sidecar is removed: a failed run leaves the previous file untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kit.infer import InferConfig, Predictor, predict_slide_rle, resolve_config
+from kit.rle import parse
+from kit.slides import Slide
+
+__all__ = ["check_submission", "read_ids", "write_submission"]
+
+HEADER = "id,predicted"
+# Config fields that cannot change a prediction: left out of the resume fingerprint.
+_NEUTRAL_FIELDS = ("workers", "prefetch")
+
+
+def write_submission(
+    data_dir: str | os.PathLike,
+    predictor: Predictor,
+    out_csv: str | os.PathLike,
+    cfg: InferConfig | None = None,
+    *,
+    progress: bool = True,
+    fingerprint: str | None = None,
+) -> Path:
+    """Predict every slide listed in ``data_dir/sample_submission.csv`` and write the CSV.
+
+    Args:
+        data_dir: the competition folder: ``sample_submission.csv`` and ``test/{id}.tiff``.
+        predictor: float (N, 3, h, w) RGB in [0, 1] -> logits (N, 1, h, w).
+        out_csv: the file to write (``id,predicted``; an empty mask is an empty field).
+        cfg: the `InferConfig` (default ``InferConfig()``).
+        progress: show a tqdm bar over the slides.
+        fingerprint: what identifies the predictor's weights for resuming (e.g. a checkpoint's
+            hash). Default: the predictor's ``fingerprint`` attribute, else for a module a hash
+            of its parameters and buffers. Other callables without one are not resumed.
+
+    Returns:
+        ``out_csv`` as a Path.
+
+    Raises:
+        FileNotFoundError: sample_submission.csv or a listed slide is missing (all missing ids
+            are named, before any prediction).
+        ValueError: sample_submission.csv has no ``id`` column or repeats an id.
+    """
+    cfg = resolve_config(cfg)
+    data_dir, out_csv = Path(data_dir), Path(out_csv)
+    ids = read_ids(data_dir)
+    paths = _test_paths(data_dir, ids)
+    identity = _predictor_identity(predictor, fingerprint)
+    parts = out_csv.with_name(out_csv.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(ids, desc="predict", unit="slide", disable=not progress)
+    for slide_id in bar:
+        bar.set_postfix_str(slide_id)
+        key = _slide_key(identity, cfg, paths[slide_id]) if identity is not None else None
+        part = parts / f"{slide_id}.rle"
+        if key is not None and _read_part(part, key) is not None:
+            continue  # finished by an earlier, interrupted run
+        rle = predict_slide_rle(paths[slide_id], predictor, cfg)
+        _write_atomic(part, f"{key or '-'}\n{rle}\n")
+    # Assembled from the parts, so an interrupted and resumed run writes the same bytes.
+    with _atomic_writer(out_csv) as fh:
+        fh.write(HEADER + "\n")
+        for slide_id in ids:
+            rle = _read_part(parts / f"{slide_id}.rle")
+            if rle is None:  # removed or damaged since it was written
+                raise FileNotFoundError(f"prediction of {slide_id} lost from {parts}; run again")
+            fh.write(f"{slide_id},{rle}\n")
+    shutil.rmtree(parts, ignore_errors=True)
+    return out_csv
+
+
+def check_submission(csv: str | os.PathLike, data_dir: str | os.PathLike) -> None:
+    """Check a submission against the competition folder; raise ValueError naming the problem.
+
+    Checks: the header is ``id,predicted``; the ids are those of sample_submission.csv, in its
+    order; every RLE is valid (sorted, non-overlapping, inside the slide) for its slide's shape,
+    read from ``data_dir/test/{id}.tiff``.
+    """
+    csv, data_dir = Path(csv), Path(data_dir)
+    if not csv.is_file():
+        raise FileNotFoundError(f"submission not found: {csv}")
+    with open(csv, encoding="utf-8", newline="") as fh:
+        header = fh.readline().rstrip("\r\n")
+    if header != HEADER:
+        raise ValueError(f"{csv}: header is {header!r}, expected {HEADER!r}")
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    expected = read_ids(data_dir)
+    got = frame["id"].tolist()
+    if len(got) != len(expected):
+        raise ValueError(
+            f"{csv}: {len(got)} rows, sample_submission.csv has {len(expected)}"
+            + _id_difference(got, expected)
+        )
+    for row, (a, b) in enumerate(zip(got, expected, strict=True)):
+        if a != b:
+            raise ValueError(
+                f"{csv}: row {row} has id {a!r}, sample_submission.csv has {b!r} there"
+                + _id_difference(got, expected)
+            )
+    paths = _test_paths(data_dir, expected)
+    for row, (slide_id, rle) in enumerate(zip(got, frame["predicted"], strict=True)):
+        with Slide(paths[slide_id]) as slide:
+            shape = slide.shape
+        try:
+            parse(rle, shape)
+        except ValueError as e:
+            raise ValueError(f"{csv}: row {row}, id {slide_id} (shape {shape}): {e}") from e
+
+
+def read_ids(data_dir: str | os.PathLike) -> list[str]:
+    """The ids of ``data_dir/sample_submission.csv``, in order."""
+    path = Path(data_dir) / "sample_submission.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"sample_submission.csv not found in {data_dir}")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "id" not in frame.columns:
+        raise ValueError(f"{path}: no 'id' column (columns: {list(frame.columns)})")
+    ids = frame["id"].str.strip().tolist()
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{path}: repeated id(s): {', '.join(repeated)}")
+    return ids
+
+
+def _test_paths(data_dir: Path, ids: Sequence[str]) -> dict[str, Path]:
+    """``data_dir/test/{id}.tiff`` per id; FileNotFoundError naming every missing one."""
+    paths = {i: data_dir / "test" / f"{i}.tiff" for i in ids}
+    missing = [i for i, p in paths.items() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} slide(s) listed in sample_submission.csv have no TIFF in "
+            f"{data_dir / 'test'}: {', '.join(missing)}"
+        )
+    return paths
+
+
+def _id_difference(got: Sequence[str], expected: Sequence[str]) -> str:
+    """ "; missing id(s): ...; unexpected id(s): ..." ("" when the sets agree)."""
+    extra = [i for i in got if i not in set(expected)]
+    absent = [i for i in expected if i not in set(got)]
+    notes = []
+    if absent:
+        notes.append(f"missing id(s): {', '.join(absent)}")
+    if extra:
+        notes.append(f"unexpected id(s): {', '.join(extra)}")
+    return "; " + "; ".join(notes) if notes else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+def _predictor_identity(predictor: Predictor, fingerprint: str | None) -> str | None:
+    """A string naming the predictor's weights, or None when nothing identifies them."""
+    if fingerprint is not None:
+        return str(fingerprint)
+    attribute = getattr(predictor, "fingerprint", None)
+    if attribute is not None:
+        return str(attribute)
+    if isinstance(predictor, nn.Module):
+        digest = hashlib.sha256(type(predictor).__qualname__.encode())
+        for name, tensor in predictor.state_dict().items():
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            # Hash the raw bytes; bf16/fp16 have no numpy dtype, so view them as int16.
+            t = tensor.detach().cpu().contiguous()
+            if t.dtype in (torch.bfloat16, torch.float16):
+                t = t.view(torch.int16)
+            digest.update(t.numpy().tobytes())
+        return "module:" + digest.hexdigest()
+    return None
+
+
+def _slide_key(identity: str, cfg: InferConfig, tiff: Path) -> str:
+    """Fingerprint of one slide's prediction: predictor, the config's effective fields, TIFF."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NEUTRAL_FIELDS}
+    stat = tiff.stat()
+    payload = {
+        "predictor": identity,
+        "config": {k: str(v) if isinstance(v, torch.device) else v for k, v in fields.items()},
+        "tiff": [tiff.name, stat.st_size, stat.st_mtime_ns],
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _read_part(part: Path, key: str | None = None) -> str | None:
+    """A part's RLE; None if it is absent, unreadable or was written under another ``key``."""
+    try:
+        stored, rle = part.read_text(encoding="ascii").split("\n")[:2]
+    except (FileNotFoundError, ValueError):
+        return None
+    return rle if key is None or stored == key else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+@contextlib.contextmanager
+def _atomic_writer(path: Path) -> Iterator[TextIO]:
+    """A text file written under a temporary name in ``path``'s folder, renamed over ``path``
+    on success and removed on failure (``path`` is then untouched)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii", newline="") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with _atomic_writer(path) as fh:
+        fh.write(text)

@@ -1,0 +1,308 @@
+"""Whole-slide prediction: tiles merged from cores equal the whole-image computation exactly."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kit.infer import (
+    InferConfig,
+    iter_mask_strips,
+    iter_probability_strips,
+    predict_slide,
+    predict_slide_rle,
+    resolve_config,
+    sigmoid,
+    upsample,
+)
+from kit.rle import encode
+from kit.slides import downscale
+from kit.tiling import Tile, plan, tissue_fraction, tissue_mask
+
+
+def pointwise(x: torch.Tensor) -> torch.Tensor:
+    """A dummy predictor: logits from each pixel's colour alone (N, 3, h, w) -> (N, 1, h, w)."""
+    return 8 * (x[:, 0:1] - x[:, 2:3]) + 0.5 * x[:, 1:2] - 0.2
+
+
+def reference_probs(image: np.ndarray, cfg: InferConfig, f=pointwise) -> np.ndarray:
+    """The whole-image computation: downscale the padded image, f, sigmoid, upsample, crop."""
+    low = downscale(image, cfg.scale)
+    x = torch.from_numpy(low).permute(2, 0, 1)[None].float().div(255)
+    flips = ((), (-1,), (-2,), (-2, -1)) if cfg.tta else ((),)
+    total = np.zeros((1, 1, *x.shape[2:]), np.float64)
+    for dims in flips:
+        p = sigmoid(f(x.flip(dims)).numpy())
+        total += np.flip(p, dims)
+    probs = (total / len(flips)).astype(np.float32)
+    up = upsample(probs, cfg.scale, cfg.upsample)[0, 0]
+    return up[: image.shape[0], : image.shape[1]]
+
+
+def collect(strips, shape, dtype) -> np.ndarray:
+    """Assemble (cols, strip) pairs, checking they tile the columns left to right."""
+    out = np.zeros(shape, dtype)
+    stop = 0
+    for cols, strip in strips:
+        assert cols.start == stop and cols.stop > cols.start
+        assert strip.shape == (shape[0], cols.stop - cols.start) and strip.dtype == dtype
+        out[:, cols] = strip
+        stop = cols.stop
+    assert stop == shape[1]
+    return out
+
+
+def smooth_image(shape: tuple[int, int], seed: int = 0, noise: float = 40) -> np.ndarray:
+    """uint8 (H, W, 3): waves plus noise, so masks have both runs and isolated pixels."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([128 + 100 * np.sin(xx / 23.0), 128 + 0 * yy, 128 + 100 * np.cos(yy / 17.0)])
+    noisy = base.transpose(1, 2, 0) + rng.normal(0, noise, (h, w, 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+# (shape, window, overlap, scale, upsample): awkward sizes — not multiples of the window, smaller
+# than it, one pixel past a multiple of it — in each exactness regime of the module docstring.
+EXACT_CASES = [
+    ((301, 517), 128, 32, 1, "bilinear"),  # scale 1: any overlap
+    ((257, 257), 128, 0, 1, "bilinear"),
+    ((129, 385), 64, 0, 1, "bilinear"),
+    ((301, 517), 128, 0, 4, "nearest"),  # nearest: any overlap
+    ((1, 700), 128, 16, 4, "nearest"),
+    ((257, 257), 128, 8, 2, "nearest"),
+    ((301, 517), 128, 8, 4, "bilinear"),  # bilinear: overlap >= 2 * scale
+    ((257, 257), 128, 4, 2, "bilinear"),
+    ((257, 258), 128, 8, 4, "bilinear"),  # last windows run 3 and 2 px past the slide
+    ((1, 700), 128, 16, 4, "bilinear"),
+    ((700, 1), 64, 16, 2, "bilinear"),
+    ((40, 47), 128, 32, 4, "bilinear"),  # smaller than one window, clamped at its last rows
+    ((256, 512), 128, 8, 4, "bilinear"),  # exact multiples: cores meet mid-overlap
+]
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+@pytest.mark.parametrize(("shape", "window", "overlap", "scale", "mode"), EXACT_CASES)
+def test_predict_slide_equals_whole_image(
+    tmp_path, write_tiff, shape, window, overlap, scale, mode, tta
+):
+    image = smooth_image(shape, seed=sum(shape))
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window, overlap, scale, tta=tta, upsample=mode, tissue=False, batch_size=3)
+    expected = reference_probs(image, cfg)
+
+    probs = collect(iter_probability_strips(path, pointwise, cfg), shape, np.float32)
+    np.testing.assert_array_equal(probs, expected)
+    mask = predict_slide(path, pointwise, cfg)
+    assert mask.dtype == np.uint8 and mask.shape == shape
+    np.testing.assert_array_equal(mask, (expected > 0.5).astype(np.uint8))
+    assert 0 < mask.sum() < mask.size
+    assert predict_slide_rle(path, pointwise, cfg) == encode(mask)
+
+
+@pytest.mark.parametrize(
+    ("layout", "tile"), [("rgb", None), ("planes", (64, 64)), ("planes", None)]
+)
+def test_every_tiff_layout_gives_the_reference(tmp_path, write_tiff, layout, tile):
+    image = smooth_image((203, 330), seed=3)
+    path = write_tiff(tmp_path / "s.tiff", image, layout, tile=tile)
+    cfg = InferConfig(window=96, overlap=16, scale=2, tissue=False)
+    expected = (reference_probs(image, cfg) > 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(predict_slide(path, pointwise, cfg), expected)
+    assert predict_slide_rle(path, pointwise, cfg) == encode(expected)
+
+
+def test_bilinear_without_enough_overlap_is_not_exact(tmp_path, write_tiff):
+    """The documented condition is needed: with windows meeting edge to edge, pixels near the
+    inner window edges are clamped within their window instead of reading the neighbour."""
+    image = smooth_image((256, 512), seed=5)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=128, overlap=0, scale=4, tissue=False)
+    probs = collect(iter_probability_strips(path, pointwise, cfg), image.shape[:2], np.float32)
+    ys, xs = np.nonzero(probs != reference_probs(image, cfg))
+    near_edge = np.isin(ys % 128, [0, 1, 126, 127]) | np.isin(xs % 128, [0, 1, 126, 127])
+    assert ys.size and near_edge.all()
+
+
+def test_mask_strips_threshold_the_probability_strips(tmp_path, write_tiff):
+    image = smooth_image((190, 260), seed=7)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=64, overlap=16, scale=2, threshold=0.3, tissue=False)
+    probs = collect(iter_probability_strips(path, pointwise, cfg), (190, 260), np.float32)
+    mask = collect(iter_mask_strips(path, pointwise, cfg), (190, 260), np.uint8)
+    np.testing.assert_array_equal(mask, (probs > 0.3).astype(np.uint8))
+    assert probs.min() >= 0 and probs.max() <= 1
+
+
+def test_reading_threads_do_not_change_the_result(tmp_path, write_tiff):
+    image = smooth_image((230, 300), seed=8)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=64, overlap=16, scale=2, tissue=False, batch_size=2)
+    masks = [
+        predict_slide(path, pointwise, cfg, workers=w, prefetch=p)
+        for w, p in ((0, 1), (1, 1), (3, 5))
+    ]
+    np.testing.assert_array_equal(masks[0], masks[1])
+    np.testing.assert_array_equal(masks[0], masks[2])
+
+
+def glass_and_tissue(shape=(200, 400)) -> np.ndarray:
+    """Bright grey glass on the left half, saturated pink tissue on the right."""
+    rng = np.random.default_rng(0)
+    image = np.full((*shape, 3), 235, np.uint8) + rng.integers(0, 6, (*shape, 3), dtype=np.uint8)
+    image[:, shape[1] // 2 :] = (200, 80, 160)
+    return image
+
+
+def test_tissue_skipping_zeroes_glass_and_never_predicts_it(tmp_path, write_tiff):
+    image = glass_and_tissue()
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=64, overlap=16, scale=2, tissue=True, tissue_scale=4)
+    seen = []
+
+    def always_on(x):
+        seen.append(x.clone())
+        return torch.full((x.shape[0], 1, *x.shape[2:]), 10.0)
+
+    mask = predict_slide(path, always_on, cfg)
+
+    tiles = plan(image.shape[:2], 64, 16, align=2)
+    thumb = downscale(image, 4)
+    cores = [Tile(t.cy0, t.cx0, t.cy1, t.cx1, t.cy0, t.cx0, t.cy1, t.cx1) for t in tiles]
+    fraction = tissue_fraction(cores, tissue_mask(thumb, saturation=40), 4)
+    kept = [t for t, f in zip(tiles, fraction, strict=True) if f > cfg.min_tissue]
+    window_fraction = tissue_fraction(tiles, tissue_mask(thumb, saturation=40), 4)
+    # Tiles with tissue only in their window's margin, not in their core, are skipped too.
+    assert 0 < len(kept) < (window_fraction > cfg.min_tissue).sum() < len(tiles)
+    expected = np.zeros(image.shape[:2], np.uint8)
+    for t in kept:
+        expected[t.core] = 1
+    np.testing.assert_array_equal(mask, expected)
+    assert mask[:, :150].sum() == 0 and mask[:, 200:].all()
+    windows = torch.cat(seen)
+    assert len(windows) == len(kept)
+    # Every window the predictor saw holds tissue (pink: red well above green).
+    assert bool(((windows[:, 0] - windows[:, 1]) > 0.3).flatten(1).any(1).all())
+
+
+def test_glass_only_slide_never_calls_the_predictor(tmp_path, write_tiff):
+    image = glass_and_tissue()[:, :150]
+    path = write_tiff(tmp_path / "s.tiff", image)
+
+    def refuse(x):
+        raise AssertionError("predictor called on glass")
+
+    assert predict_slide_rle(path, refuse, window=64, overlap=16, scale=2) == ""
+    assert predict_slide(path, refuse, window=64, overlap=16, scale=2).sum() == 0
+
+
+def test_rle_path_never_holds_the_full_mask(tmp_path, write_tiff):
+    h, w = 600, 4000
+    yy, xx = np.mgrid[0:h, 0:w]
+    # Red grows left to right, blue top to bottom: one foreground run per column, a small RLE.
+    image = np.stack([255 * xx / w, np.full((h, w), 128), 255 * yy / h], -1).astype(np.uint8)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=128, overlap=32, scale=4, tissue=False, workers=0)
+    expected = encode(predict_slide(path, pointwise, cfg))
+    tracemalloc.start()
+    try:
+        rle = predict_slide_rle(path, pointwise, cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rle == expected and len(rle.split()) <= 2 * w
+    # The full uint8 mask would take 2.4 MB; a strip takes 58 kB, reading a window ~0.3 MB.
+    assert peak < 0.3 * h * w
+
+
+class Recorder(nn.Module):
+    """A pointwise module with a BatchNorm, recording its mode and input device per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(1)
+        self.modes: list[bool] = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return pointwise(x)
+
+
+def test_module_predictor_runs_in_eval_mode_and_is_restored(tmp_path, write_tiff):
+    image = smooth_image((100, 100), seed=10)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    model = Recorder().train()
+    cfg = InferConfig(window=64, overlap=16, scale=2, tissue=False, amp=True)  # amp: CUDA only
+    mask = predict_slide(path, model, cfg)
+    assert model.modes and not any(model.modes)
+    assert model.training
+    np.testing.assert_array_equal(mask, (reference_probs(image, cfg) > 0.5).astype(np.uint8))
+
+
+def test_bad_predictor_output_is_named(tmp_path, write_tiff):
+    path = write_tiff(tmp_path / "s.tiff", smooth_image((70, 70)))
+    with pytest.raises(ValueError, match=r"logits of shape \(4, 1, 32, 32\).*got \(4, 3, 32, 32\)"):
+        predict_slide(path, lambda x: x, window=64, overlap=16, scale=2, tissue=False)
+    with pytest.raises(ValueError, match="callable"):
+        predict_slide(path, "model", window=64, overlap=16, scale=2)
+
+
+def test_errors_stop_the_reader_threads(tmp_path, write_tiff):
+    path = write_tiff(tmp_path / "s.tiff", smooth_image((300, 300)))
+    calls = []
+
+    def fail_second(x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return pointwise(x)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        predict_slide(path, fail_second, window=64, overlap=16, scale=2, tissue=False, batch_size=1)
+    strips = iter_probability_strips(path, pointwise, window=64, overlap=16, tissue=False)
+    next(strips)
+    strips.close()  # a consumer that stops early
+    assert not [t for t in threading.enumerate() if t.name.startswith("kit-read")]
+
+
+def test_missing_slide_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.tiff"):
+        predict_slide(tmp_path / "nope.tiff", pointwise)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="multiple of scale"):
+        InferConfig(window=100, scale=3)
+    with pytest.raises(ValueError, match="overlap"):
+        InferConfig(window=64, overlap=64, scale=1)
+    with pytest.raises(ValueError, match="upsample"):
+        InferConfig(upsample="cubic")
+    with pytest.raises(TypeError, match="windw"):
+        resolve_config(None, windw=3)
+    cfg = resolve_config(InferConfig(scale=2), tta=True)
+    assert cfg.scale == 2 and cfg.tta and InferConfig().thumb_scale == 64
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_upsample_is_bilinear_align_corners_false(scale):
+    probs = torch.rand(2, 1, 19, 27, generator=torch.Generator().manual_seed(scale))
+    ours = upsample(probs.numpy(), scale, "bilinear")
+    theirs = F.interpolate(probs, scale_factor=scale, mode="bilinear", align_corners=False)
+    # torch computes the source coordinate in float32: ~1e-5 off at scale 3, exact at 2 and 4
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=0)
+    nearest = upsample(probs.numpy(), scale, "nearest")
+    np.testing.assert_array_equal(nearest[..., ::scale, ::scale], probs.numpy())
+    np.testing.assert_array_equal(nearest, F.interpolate(probs, scale_factor=scale).numpy())
+
+
+def test_sigmoid_is_stable_and_matches_torch():
+    logits = np.array([-1000.0, -30.0, -1.5, 0.0, 2.0, 40.0, 1000.0], np.float32)
+    probs = sigmoid(logits)
+    assert probs.dtype == np.float64 and probs[0] == 0.0 and probs[-1] == 1.0
+    np.testing.assert_allclose(probs, torch.sigmoid(torch.from_numpy(logits).double()), rtol=1e-15)
