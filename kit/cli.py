@@ -45,20 +45,16 @@ def _describe_dataset(path: Path) -> None:
 
 def _infer_config(args: argparse.Namespace, checkpoint: dict):
     """Inference options: the checkpoint's training settings, then the command line's."""
-    from kit.infer import InferConfig
+    from kit.infer import config_from_checkpoint
 
-    trained = checkpoint.get("config", {})
-    cfg = InferConfig(
-        window=int(trained.get("window", InferConfig.window)),
-        scale=int(trained.get("scale", InferConfig.scale)),
+    return config_from_checkpoint(
+        checkpoint,
+        overlap=args.overlap,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        device=args.device,
+        tta=True if args.tta else None,
     )
-    for name in ("overlap", "threshold", "batch_size", "device"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(cfg, name, value)
-    if getattr(args, "tta", False):
-        cfg.tta = True
-    return cfg
 
 
 def _load(args: argparse.Namespace):

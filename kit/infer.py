@@ -138,6 +138,20 @@ def resolve_config(cfg: InferConfig | None = None, **overrides) -> InferConfig:
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
+def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
+    """The inference settings a kit checkpoint was trained and validated with.
+
+    Takes ``window``, ``scale``, ``overlap``, ``threshold`` and ``tta`` from the checkpoint's
+    ``config`` (missing ones keep `InferConfig`'s defaults), then applies ``overrides``; an
+    override of None is ignored, so command-line options can be passed through as they are.
+    """
+    trained = checkpoint.get("config") or {}
+    names = ("window", "scale", "overlap", "threshold", "tta")
+    base = {name: trained[name] for name in names if trained.get(name) is not None}
+    given = {name: value for name, value in overrides.items() if value is not None}
+    return resolve_config(InferConfig(**base), **given)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 

@@ -306,3 +306,15 @@ def test_sigmoid_is_stable_and_matches_torch():
     probs = sigmoid(logits)
     assert probs.dtype == np.float64 and probs[0] == 0.0 and probs[-1] == 1.0
     np.testing.assert_allclose(probs, torch.sigmoid(torch.from_numpy(logits).double()), rtol=1e-15)
+
+
+def test_config_from_checkpoint_takes_training_settings_then_overrides():
+    from kit.infer import config_from_checkpoint
+
+    ckpt = {"config": {"window": 512, "scale": 2, "overlap": 64, "threshold": 0.4, "lr": 1e-3}}
+    cfg = config_from_checkpoint(ckpt, threshold=None, tta=True, batch_size=3)
+    assert (cfg.window, cfg.scale, cfg.overlap, cfg.threshold) == (512, 2, 64, 0.4)
+    assert cfg.tta and cfg.batch_size == 3
+    assert config_from_checkpoint({}).window == InferConfig().window
+    with pytest.raises(ValueError, match="overlap"):
+        config_from_checkpoint(ckpt, overlap=512)
