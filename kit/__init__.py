@@ -7,3 +7,9 @@ dataset in the competition's layout), ``data``, ``model``, ``losses``, ``metrics
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# albumentations checks PyPI for a newer version when imported: offline (the Kaggle submission)
+# that is a network attempt and a timeout. The kit never wants it.
+_os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

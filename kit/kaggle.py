@@ -1,0 +1,1017 @@
+"""Getting the kit onto Kaggle: the offline wheelhouse, the model dataset and the metadata files.
+
+A competition notebook runs without internet and only its code file is pushed, so the kit, the
+packages the Kaggle image lacks and the trained weights reach it as attached Kaggle Datasets
+(mounted read-only under ``/kaggle/input/<slug>/``)::
+
+    python -m kit kaggle-metadata --user NAME    # once: records NAME, fills every metadata file
+    python -m kit wheels                         # wheels/*.whl: the kit + wheels/requirements.txt
+    kaggle datasets create -p wheels
+    python -m kit export --run runs/full --out export/model
+    kaggle datasets create -p export/model
+    kaggle kernels push -p .                     # kernel-metadata.json -> the submission notebook
+
+(wheels/README.md has the whole path, training and submitting included.)
+
+The user's Kaggle name lives in one place, ``kaggle-user.txt`` at the repository root; every
+metadata file takes its owner from there. Credentials are never read here: they stay where the
+kaggle CLI reads them (``~/.kaggle/``, ``KAGGLE_*`` environment variables), outside the repository.
+
+The metadata checks mirror what the kaggle CLI (``kaggle/api/kaggle_api_extended.py``:
+``kernels_push`` and ``dataset_create_new``) rejects before contacting the server, plus what it
+lets through silently and then gets wrong: unknown keys (a typo in ``enable_internet`` leaves
+internet on), booleans written as strings, a title that does not slug to the id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kit.env import COMPETITION
+
+KERNEL_METADATA = "kernel-metadata.json"
+DATASET_METADATA = "dataset-metadata.json"
+USER_FILE = "kaggle-user.txt"
+# What kaggle-user.txt holds until the user records a name: a well-formed owner, so every
+# metadata file stays valid, but one that `kaggle-metadata --check` refuses.
+PLACEHOLDER_USER = "your-kaggle-username"
+
+WHEELS_SLUG = "hubmap-kit-wheels"
+WHEELS_TITLE = "HuBMAP kit wheels"
+MODEL_SLUG = "hubmap-kit-model"
+MODEL_TITLE = "HuBMAP kit model"
+KIT_DISTRIBUTION = "hubmap-kit"
+
+# The Kaggle image: CPython 3.12 on Ubuntu 22.04 (glibc 2.35, inferred from Colab's image), so any
+# manylinux wheel up to manylinux_2_35 runs there. pip takes the first tag that has a wheel.
+KAGGLE_PYTHON = "3.12"
+KAGGLE_PLATFORMS = (
+    *(f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)),
+    "manylinux2014_x86_64",
+    "manylinux_2_12_x86_64",
+    "manylinux2010_x86_64",
+    "manylinux_2_5_x86_64",
+    "manylinux1_x86_64",
+)
+TARGETS = ("kaggle", "local")
+# Environment-marker values of the Kaggle image's interpreter (for `python_version < "3.11"`...).
+KAGGLE_MARKERS = {
+    "python_version": KAGGLE_PYTHON,
+    "python_full_version": f"{KAGGLE_PYTHON}.0",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+}
+# The kit's dependencies the Kaggle image already has (DOMAIN.md): never shipped as wheels.
+# opencv-python-headless comes with albumentations 2, which requires it.
+KAGGLE_IMAGE = frozenset(
+    {
+        "numpy",
+        "pandas",
+        "torch",
+        "torchvision",
+        "albumentations",
+        "opencv-python-headless",
+        "numba",
+        "tqdm",
+        "matplotlib",
+    }
+)
+
+# Run-folder files (kit.train) that go into a model dataset.
+CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
+RUN_FILES = ("config.json", "history.csv")
+# Checkpoint entries only resuming training needs: left out of an export (they triple its size).
+TRAINING_STATE = ("optimizer_state", "scheduler_state", "scaler_state")
+
+KERNEL_KEYS = frozenset(
+    {
+        "id",
+        "id_no",
+        "title",
+        "code_file",
+        "language",
+        "kernel_type",
+        "is_private",
+        "enable_gpu",
+        "enable_tpu",
+        "enable_internet",
+        "dataset_sources",
+        "competition_sources",
+        "kernel_sources",
+        "model_sources",
+        "keywords",
+        "docker_image",
+        "docker_image_pinning_type",
+        "machine_shape",
+    }
+)
+KERNEL_BOOLEANS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
+KERNEL_TYPES = ("notebook", "script")
+PINNING_TYPES = ("original", "latest")
+
+_SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
+_PIN = re.compile(r"([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)")
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+# How pip is run (tests substitute a stand-in).
+PIP_COMMAND = (sys.executable, "-m", "pip")
+
+
+def repo_root() -> Path:
+    """The repository the kit runs from (editable install), else the working directory."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+# --------------------------------------------------------------------------- metadata checks
+
+
+def slugify(title: str) -> str:
+    """The URL slug Kaggle derives from a title: lowercase, runs of other characters -> "-"."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def validate_kernel_metadata(
+    path: str | os.PathLike, *, offline_competition: str | None = None
+) -> list[str]:
+    """Problems that would make ``kaggle kernels push -p <folder of path>`` fail or misbehave.
+
+    Args:
+        path: a ``kernel-metadata.json``; ``code_file`` is resolved against its folder, as the
+            CLI does.
+        offline_competition: also require what a competition submission needs: this slug in
+            ``competition_sources`` and ``enable_internet`` explicitly false (the CLI's default
+            is true).
+
+    Returns:
+        One line per problem, each naming the key; empty when the file is fine.
+    """
+    path = Path(path)
+    meta, problems = _load_json_object(path)
+    if meta is None:
+        return problems
+    problems += _kernel_problems(meta, path.parent)
+    if offline_competition is not None:
+        if offline_competition not in (meta.get("competition_sources") or []):
+            problems.append(f"competition_sources: must include {offline_competition!r}")
+        if meta.get("enable_internet") is not False:
+            problems.append(
+                "enable_internet: must be false for a competition submission "
+                f"(got {meta.get('enable_internet', '(absent: the CLI defaults it to true)')!r})"
+            )
+    return problems
+
+
+def validate_dataset_metadata(path: str | os.PathLike) -> list[str]:
+    """Problems that would make ``kaggle datasets create -p <folder of path>`` fail.
+
+    Returns one line per problem, each naming the key; empty when the file is fine.
+    """
+    path = Path(path)
+    meta, problems = _load_json_object(path)
+    if meta is None:
+        return problems
+    return _dataset_problems(meta, path.parent)
+
+
+def check_kernel_metadata(
+    path: str | os.PathLike, *, offline_competition: str | None = None
+) -> dict[str, Any]:
+    """Read a kernel-metadata.json; ValueError listing every problem (see the validator)."""
+    problems = validate_kernel_metadata(path, offline_competition=offline_competition)
+    _raise_problems(path, problems)
+    return json.loads(Path(path).read_text())
+
+
+def check_dataset_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a dataset-metadata.json; ValueError listing every problem (see the validator)."""
+    _raise_problems(path, validate_dataset_metadata(path))
+    return json.loads(Path(path).read_text())
+
+
+def _raise_problems(path: str | os.PathLike, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
+
+
+def _load_json_object(path: Path) -> tuple[dict | None, list[str]]:
+    if not path.is_file():
+        return None, [f"{path}: file not found"]
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        return None, [f"{path}: not valid JSON ({err})"]
+    if not isinstance(meta, dict):
+        return None, [f"{path}: expected a JSON object, got {type(meta).__name__}"]
+    return meta, []
+
+
+def _kernel_problems(meta: Mapping[str, Any], folder: Path) -> list[str]:
+    """The kaggle CLI's ``kernels_push`` checks, and the silent failures it lets through."""
+    problems = [
+        f"{key}: not a key the kaggle CLI reads (a typo? it would be ignored)"
+        for key in sorted(set(meta) - KERNEL_KEYS)
+    ]
+    kernel_slug = None
+    ref = meta.get("id")
+    if ref is None and meta.get("id_no") is None:
+        problems.append("id: missing ('owner/slug')")
+    elif ref is not None:
+        problem = _ref_problem(ref, min_slug=5)
+        if problem:
+            problems.append(f"id: {problem}")
+        else:
+            kernel_slug = ref.split("/")[1]
+    title = meta.get("title")
+    if not isinstance(title, str) or len(title) < 5:
+        problems.append(f"title: must be a string of at least 5 characters, got {title!r}")
+    elif kernel_slug is not None and slugify(title) != kernel_slug:
+        problems.append(
+            f"title: {title!r} slugs to {slugify(title)!r}, not to the id's slug "
+            f"{kernel_slug!r} (Kaggle names the kernel after the title)"
+        )
+    language = meta.get("language")
+    if language != "python":
+        problems.append(f"language: must be 'python', got {language!r}")
+    kernel_type = meta.get("kernel_type")
+    if kernel_type not in KERNEL_TYPES:
+        problems.append(f"kernel_type: must be one of {list(KERNEL_TYPES)}, got {kernel_type!r}")
+    problems += _code_file_problems(meta.get("code_file"), folder, kernel_type)
+    for key in KERNEL_BOOLEANS:
+        if key in meta and not isinstance(meta[key], bool):
+            problems.append(f"{key}: must be true or false, got {meta[key]!r}")
+    if meta.get("enable_gpu") is True and meta.get("enable_tpu") is True:
+        problems.append("enable_tpu: cannot be true with enable_gpu (one accelerator per kernel)")
+    for key, check in (
+        ("dataset_sources", lambda s: _ref_problem(s, max_parts=3)),
+        ("kernel_sources", lambda s: _ref_problem(s, min_slug=5, max_parts=3)),
+        ("model_sources", lambda s: _ref_problem(s, max_parts=5)),
+        ("competition_sources", _competition_problem),
+        ("keywords", lambda s: None if isinstance(s, str) else "must be a string"),
+    ):
+        problems += _list_problems(meta, key, check)
+    pinning = meta.get("docker_image_pinning_type")
+    if pinning is not None and pinning not in PINNING_TYPES:
+        problems.append(
+            f"docker_image_pinning_type: must be one of {list(PINNING_TYPES)}, got {pinning!r}"
+        )
+    return problems
+
+
+def _code_file_problems(code_file: Any, folder: Path, kernel_type: Any) -> list[str]:
+    if not isinstance(code_file, str) or not code_file:
+        return ["code_file: missing (path of the notebook, relative to the metadata's folder)"]
+    path = folder / code_file
+    if not path.is_file():
+        return [f"code_file: {path} not found"]
+    if kernel_type != "notebook":
+        return []
+    if path.suffix != ".ipynb":
+        return [f"code_file: a notebook kernel needs a .ipynb file, got {code_file!r}"]
+    try:
+        notebook = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        return [f"code_file: {path} is not notebook JSON ({err})"]
+    if not isinstance(notebook, dict) or not isinstance(notebook.get("cells"), list):
+        return [f"code_file: {path} is not a notebook (no 'cells' list)"]
+    return []
+
+
+def _list_problems(meta: Mapping[str, Any], key: str, check: Callable[[Any], str | None]):
+    if key not in meta:
+        return []
+    value = meta[key]
+    if not isinstance(value, list):
+        return [f"{key}: must be a list, got {value!r}"]
+    problems = []
+    for item in value:
+        problem = check(item) if isinstance(item, str) else "must be a string"
+        if problem:
+            problems.append(f"{key}: {item!r}: {problem}")
+    return problems
+
+
+def _ref_problem(ref: Any, *, min_slug: int = 1, max_parts: int = 2) -> str | None:
+    """Why `ref` is not an "owner/slug" reference (extra "/parts" up to `max_parts`), or None."""
+    if not isinstance(ref, str):
+        return f"must be a string 'owner/slug', got {ref!r}"
+    parts = ref.split("/")
+    if len(parts) < 2 or len(parts) > max_parts or not all(parts):
+        return f"must have the form 'owner/slug', got {ref!r}"
+    if any(c.isspace() for c in ref):
+        return f"must not contain spaces, got {ref!r}"
+    if len(parts[1]) < min_slug:
+        return f"slug {parts[1]!r} is shorter than {min_slug} characters"
+    return None
+
+
+def _competition_problem(slug: str) -> str | None:
+    if _SLUG.fullmatch(slug):
+        return None
+    return "must be a competition's URL slug (lowercase words joined by '-', no owner)"
+
+
+def _dataset_problems(meta: Mapping[str, Any], folder: Path | None) -> list[str]:
+    """The kaggle CLI's ``dataset_create_new`` checks."""
+    problems = []
+    ref = meta.get("id")
+    problem = _ref_problem(ref)
+    if problem:
+        problems.append(f"id: {problem}")
+    else:
+        slug = ref.split("/")[1]
+        if not 6 <= len(slug) <= 50:
+            problems.append(f"id: slug {slug!r} must be 6 to 50 characters long")
+        if not _SLUG.fullmatch(slug):
+            problems.append(f"id: slug {slug!r} must be lowercase words joined by '-'")
+        if slug == "INSERT_SLUG_HERE":
+            problems.append("id: still the template's placeholder")
+    title = meta.get("title")
+    if not isinstance(title, str) or not 6 <= len(title) <= 50:
+        problems.append(f"title: must be a string of 6 to 50 characters, got {title!r}")
+    elif title == "INSERT_TITLE_HERE":
+        problems.append("title: still the template's placeholder")
+    licenses = meta.get("licenses")
+    if not isinstance(licenses, list) or len(licenses) != 1:
+        problems.append(f"licenses: must hold exactly one license, got {licenses!r}")
+    elif not isinstance(licenses[0], dict) or not isinstance(licenses[0].get("name"), str):
+        problems.append(f"licenses: the license needs a 'name', got {licenses[0]!r}")
+    subtitle = meta.get("subtitle")
+    if subtitle is not None and (not isinstance(subtitle, str) or not 20 <= len(subtitle) <= 80):
+        problems.append(f"subtitle: must be 20 to 80 characters, got {subtitle!r}")
+    resources = meta.get("resources")
+    if resources is not None and folder is not None:
+        paths = [r.get("path") if isinstance(r, dict) else None for r in resources]
+        problems += [
+            f"resources: {p!r} not found in {folder}"
+            for p in paths
+            if not isinstance(p, str) or not (folder / p).is_file()
+        ]
+        problems += [f"resources: {p!r} listed twice" for p in sorted(_duplicates(paths))]
+    return problems
+
+
+def _duplicates(items: Iterable[Any]) -> set:
+    seen, twice = set(), set()
+    for item in items:
+        (twice if item in seen else seen).add(item)
+    return twice
+
+
+# --------------------------------------------------------------------------- the user's name
+
+
+def validate_user(name: str) -> str:
+    """`name` stripped if it is a well-formed Kaggle user name; ValueError otherwise."""
+    name = name.strip() if isinstance(name, str) else name
+    if not isinstance(name, str) or not _USER.fullmatch(name):
+        raise ValueError(
+            f"Kaggle user name {name!r}: expected letters, digits, '-' or '_' (the name in your "
+            "profile's URL, kaggle.com/NAME)"
+        )
+    return name
+
+
+def read_user(root: str | os.PathLike | None = None) -> str:
+    """The user's Kaggle name recorded in ``<root>/kaggle-user.txt`` (placeholder if absent)."""
+    path = Path(root if root is not None else repo_root()) / USER_FILE
+    if not path.is_file():
+        return PLACEHOLDER_USER
+    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
+    names = [s for s in lines if s and not s.startswith("#")]
+    if len(names) != 1:
+        raise ValueError(f"{path}: expected one user name line, found {len(names)}")
+    try:
+        return validate_user(names[0])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def write_user(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Record the user's Kaggle name in ``<root>/kaggle-user.txt`` (atomically)."""
+    name = validate_user(name)
+    path = Path(root if root is not None else repo_root()) / USER_FILE
+    text = (
+        "# The Kaggle user name that owns the kit's kernel and datasets: the one place it lives.\n"
+        "# Change it with `python -m kit kaggle-metadata --user NAME`, which also rewrites\n"
+        "# kernel-metadata.json and wheels/dataset-metadata.json. Not a credential.\n"
+        f"{name}\n"
+    )
+    _write_text(path, text)
+    return path
+
+
+def with_owner(metadata: Mapping[str, Any], user: str, previous: Iterable[str] = ()) -> dict:
+    """A copy of kernel or dataset metadata whose references belong to `user`.
+
+    ``id`` always gets the new owner; a ``*_sources`` entry does when its owner is one of
+    `previous` (the name recorded before, or the placeholder), so another user's dataset that a
+    kernel attaches keeps its owner.
+    """
+    previous = set(previous) | {PLACEHOLDER_USER}
+    out = dict(metadata)
+    if isinstance(out.get("id"), str) and "/" in out["id"]:
+        out["id"] = _swap_owner(out["id"], user)
+    for key in ("dataset_sources", "kernel_sources", "model_sources"):
+        if isinstance(out.get(key), list):
+            out[key] = [
+                _swap_owner(ref, user)
+                if isinstance(ref, str) and ref.split("/")[0] in previous
+                else ref
+                for ref in out[key]
+            ]
+    return out
+
+
+def _swap_owner(ref: str, user: str) -> str:
+    return "/".join([user, *ref.split("/")[1:]])
+
+
+def dataset_metadata(user: str, slug: str, title: str, description: str = "", **extra) -> dict:
+    """A ``dataset-metadata.json`` document (license CC0-1.0 unless `extra` says otherwise)."""
+    meta = {"id": f"{user}/{slug}", "title": title, "licenses": [{"name": "CC0-1.0"}]}
+    if description:
+        meta["description"] = description
+    meta.update(extra)
+    return meta
+
+
+def wheels_dataset_metadata(user: str) -> dict:
+    """The wheelhouse dataset's metadata: third-party wheels keep their own licenses."""
+    return dataset_metadata(
+        user,
+        WHEELS_SLUG,
+        WHEELS_TITLE,
+        "Wheels for the offline HuBMAP kit submission notebook: hubmap-kit itself and the "
+        "packages the Kaggle image lacks (wheels/requirements.txt). Install with "
+        "`pip install --no-index --find-links <this folder> hubmap-kit`. Each wheel keeps its "
+        "upstream license.",
+        licenses=[{"name": "other"}],
+    )
+
+
+def fill_metadata(
+    user: str | None = None,
+    *,
+    root: str | os.PathLike | None = None,
+    datasets: Iterable[str | os.PathLike] = (),
+) -> list[Path]:
+    """Put the user's name into every metadata file; record it first when `user` is given.
+
+    Args:
+        user: the Kaggle name to record in kaggle-user.txt; None uses the recorded one.
+        root: the repository (``kernel-metadata.json``, ``wheels/dataset-metadata.json``).
+        datasets: further dataset folders (model exports) whose metadata gets the name too.
+
+    Returns:
+        The files rewritten (each atomically). Every file is read and rewritten in memory
+        before the first is written, so an unreadable one leaves all of them untouched.
+    """
+    root = Path(root if root is not None else repo_root())
+    previous = read_user(root)
+    user = validate_user(user) if user is not None else previous
+    updated = []
+    for path in _metadata_files(root, datasets):
+        meta, problems = _load_json_object(path)
+        if meta is None:
+            raise (FileNotFoundError if not path.exists() else ValueError)(problems[0])
+        updated.append((path, with_owner(meta, user, previous=[previous])))
+    if user != previous or not (root / USER_FILE).is_file():
+        write_user(user, root)
+    for path, meta in updated:
+        _write_json(path, meta)
+    return [path for path, _ in updated]
+
+
+# --------------------------------------------------------------------------- wheels
+
+
+class WheelError(ValueError):
+    """pip could not build or download a wheel; the message names the requirement."""
+
+
+class Pin(NamedTuple):
+    """One ``name==version`` line of wheels/requirements.txt."""
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name}=={self.version}"
+
+    @property
+    def key(self) -> str:
+        """The normalised project name (PEP 503), as wheel file names and pip compare it."""
+        return _normalise(self.name)
+
+
+def read_requirements(path: str | os.PathLike) -> list[Pin]:
+    """The pinned requirements of a requirements file: ``name==version`` lines, ``#`` comments.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is not an exact pin, or a project pinned twice (names the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"requirements file not found: {path}")
+    pins: list[Pin] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        match = _PIN.fullmatch(text.replace(" ", ""))
+        if not match:
+            raise ValueError(f"{path}:{number}: {text!r} is not an exact pin 'name==version'")
+        pin = Pin(*match.groups())
+        if any(p.key == pin.key for p in pins):
+            raise ValueError(f"{path}:{number}: {pin.name} is pinned twice")
+        pins.append(pin)
+    return pins
+
+
+def pip_target_args(target: str) -> list[str]:
+    """pip download options selecting wheels for `target`: "kaggle" or "local" (this Python)."""
+    if target == "local":
+        return []
+    if target == "kaggle":
+        platforms = [arg for p in KAGGLE_PLATFORMS for arg in ("--platform", p)]
+        return ["--python-version", KAGGLE_PYTHON, "--implementation", "cp", *platforms]
+    raise ValueError(f"wheel target must be one of {list(TARGETS)}, got {target!r}")
+
+
+def build_wheelhouse(
+    dest: str | os.PathLike,
+    target: str = "kaggle",
+    *,
+    requirements: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Put the kit's wheel and a binary wheel of every pinned requirement into `dest`.
+
+    Args:
+        dest: the wheelhouse folder (created). Its ``*.whl`` become exactly the new set; other
+            files (dataset-metadata.json, README) stay.
+        target: "kaggle" (CPython 3.12, manylinux x86_64) or "local" (the running interpreter).
+        requirements: the pins (default ``<root>/wheels/requirements.txt``).
+        root: the kit's source tree (default: the repository this kit runs from).
+        log: called with one line per wheel as it arrives (e.g. ``print``).
+
+    Returns:
+        The wheel paths in `dest`, the kit's first.
+
+    Everything is fetched into a hidden folder inside `dest` first and moved into place only when
+    every wheel is there, so a failure leaves `dest` as it was.
+
+    Raises:
+        WheelError: pip failed or produced no wheel of a requirement (the message names it).
+    """
+    pip_target_args(target)  # reject a bad target before any work
+    root = Path(root if root is not None else repo_root())
+    pins = read_requirements(requirements or root / "wheels" / "requirements.txt")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda line: None)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest))
+    try:
+        built = [build_kit_wheel(staging, root)]
+        log(f"  {built[0].name} ({_size(built[0])})")
+        for pin in pins:
+            built.append(download_wheel(pin, staging, target))
+            log(f"  {built[-1].name} ({_size(built[-1])})")
+        unmet = unmet_dependencies(built, target)
+        if unmet:
+            raise WheelError(
+                "the wheelhouse would not install offline (add these to wheels/requirements.txt, "
+                "or to kit.kaggle.KAGGLE_IMAGE if the image has them):\n  " + "\n  ".join(unmet)
+            )
+        names = {path.name for path in built}
+        for old in dest.glob("*.whl"):
+            if old.name not in names:
+                old.unlink()
+        for path in built:
+            os.replace(path, dest / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dest / path.name for path in built]
+
+
+def build_kit_wheel(dest: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """Build the kit's own wheel (pure Python) into `dest`; return its path.
+
+    Built from a clean copy of the sources (pyproject.toml, README, LICENSE, kit/), so files left
+    in an old build/ folder never slip into the wheel.
+    """
+    root = Path(root if root is not None else repo_root())
+    if not (root / "pyproject.toml").is_file() or not (root / "kit").is_dir():
+        raise FileNotFoundError(f"{root}: not the kit's source tree (pyproject.toml and kit/)")
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory(prefix=".kit-build-", dir=dest) as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        src.mkdir()
+        for path in sorted(root.glob("*")):
+            if path.is_file() and (
+                path.name == "pyproject.toml" or path.name.startswith(("README", "LICENSE"))
+            ):
+                shutil.copy2(path, src / path.name)
+        shutil.copytree(root / "kit", src / "kit", ignore=shutil.ignore_patterns("__pycache__"))
+        _run_pip(
+            ["wheel", "--no-deps", "--wheel-dir", str(out), str(src)],
+            what=f"building the kit's wheel ({KIT_DISTRIBUTION} from {root})",
+        )
+        wheels = sorted(out.glob("*.whl"))
+        if len(wheels) != 1 or _wheel_key(wheels[0].name)[0] != _normalise(KIT_DISTRIBUTION):
+            raise WheelError(
+                f"building the kit's wheel: expected one {KIT_DISTRIBUTION} wheel, "
+                f"got {[w.name for w in wheels]}"
+            )
+        _check_wheel_file(wheels[0], KIT_DISTRIBUTION)
+        return Path(shutil.move(wheels[0], dest / wheels[0].name))
+
+
+def download_wheel(pin: Pin, dest: str | os.PathLike, target: str = "kaggle") -> Path:
+    """Download the binary wheel of one pinned requirement for `target` into `dest`.
+
+    Raises:
+        WheelError: pip failed (no wheel for that platform, unknown version, no registry), or
+            what it saved is not a wheel of exactly that pin.
+    """
+    dest = Path(dest)
+    what = f"{pin} (target {target})"
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as tmp:
+        _run_pip(
+            [
+                "download",
+                "--only-binary=:all:",
+                "--no-deps",
+                "--dest",
+                tmp,
+                *pip_target_args(target),
+                str(pin),
+            ],
+            what=what,
+        )
+        saved = sorted(Path(tmp).iterdir())
+        wheels = [p for p in saved if _wheel_key(p.name) == (pin.key, pin.version.lower())]
+        if len(saved) != 1 or len(wheels) != 1:
+            raise WheelError(f"{what}: pip saved {[p.name for p in saved]}, not one wheel of it")
+        _check_wheel_file(wheels[0], pin.name)
+        return Path(shutil.move(wheels[0], dest / wheels[0].name))
+
+
+def unmet_dependencies(wheels: Iterable[str | os.PathLike], target: str = "kaggle") -> list[str]:
+    """Dependencies of `wheels` that neither the Kaggle image nor the wheels themselves provide.
+
+    The image is taken to hold `KAGGLE_IMAGE` (any version); a wheel of the set must match the
+    requirement's version range. Markers are evaluated for `target` ("kaggle": `KAGGLE_MARKERS`;
+    "local": this interpreter), extras are not installed.
+
+    Returns:
+        One line per unmet requirement: "<wheel file> needs <requirement> (...)".
+    """
+    from packaging.requirements import Requirement
+
+    environment = {**(KAGGLE_MARKERS if target == "kaggle" else {}), "extra": ""}
+    wheels = [Path(w) for w in wheels]
+    provided = dict(filter(None, (_wheel_key(w.name) for w in wheels)))
+    unmet = []
+    for wheel in wheels:
+        for line in _requires_dist(wheel):
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate(environment):
+                continue
+            key = _normalise(req.name)
+            if key in KAGGLE_IMAGE:
+                continue
+            have = provided.get(key)
+            if have is not None and req.specifier.contains(have, prereleases=True):
+                continue
+            found = f"the wheelhouse has {have}" if have else "not in the wheelhouse"
+            unmet.append(f"{wheel.name} needs {req} ({found}; not in the Kaggle image list)")
+    return unmet
+
+
+def _requires_dist(wheel: Path) -> list[str]:
+    """The ``Requires-Dist`` lines of a wheel's METADATA."""
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = email.message_from_bytes(archive.read(name))
+    return metadata.get_all("Requires-Dist") or []
+
+
+def _run_pip(args: list[str], *, what: str) -> None:
+    """Run ``python -m pip ARGS`` quietly; WheelError naming `what` with pip's last lines."""
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    proc = subprocess.run([*PIP_COMMAND, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-15:]
+        # Index URLs may carry a token (https://user:token@host/): never echo one.
+        text = _URL_CREDENTIALS.sub(r"\1***@", "\n".join(tail))
+        raise WheelError(f"{what}: pip exited with status {proc.returncode}:\n{text}")
+
+
+def _check_wheel_file(path: Path, name: str) -> None:
+    """WheelError unless `path` is a readable zip with a ``*.dist-info/METADATA``."""
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            if not any(n.endswith(".dist-info/METADATA") for n in wheel.namelist()):
+                raise WheelError(f"{name}: {path.name} has no .dist-info/METADATA")
+    except zipfile.BadZipFile as err:
+        raise WheelError(f"{name}: {path.name} is not a valid wheel ({err})") from None
+
+
+def _wheel_key(filename: str) -> tuple[str, str] | None:
+    """(normalised name, lowercase version) of a wheel file name, None if not a wheel's."""
+    if not filename.endswith(".whl"):
+        return None
+    parts = filename[: -len(".whl")].split("-")
+    if len(parts) not in (5, 6):
+        return None
+    return _normalise(parts[0]), parts[1].lower()
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.1f} MB"
+
+
+# --------------------------------------------------------------------------- model dataset
+
+
+def export_model(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    which: str = "best",
+    user: str | None = None,
+    slug: str = MODEL_SLUG,
+    title: str = MODEL_TITLE,
+    keep_training_state: bool = False,
+    root: str | os.PathLike | None = None,
+) -> Path:
+    """Write a model dataset: a run's checkpoint, config.json, history.csv + dataset metadata.
+
+    Args:
+        run: a kit.train run folder (best.pt, last.pt, config.json, history.csv).
+        out: the dataset folder to write; an existing one must be empty or a previous export
+            (it is replaced as a whole).
+        which: "best" (best held-out Dice) or "last".
+        user: the Kaggle owner (default: kaggle-user.txt under `root`).
+        slug, title: the dataset's URL slug (6-50 characters) and title (6-50 characters).
+        keep_training_state: keep optimizer/scheduler/scaler state (only resuming needs them).
+
+    Returns:
+        `out`, assembled in a hidden folder next to it and renamed into place.
+
+    Raises:
+        FileNotFoundError: no run folder or no such checkpoint.
+        ValueError: the checkpoint is not a kit checkpoint loadable with ``weights_only=True``,
+            or the metadata would be rejected by Kaggle (the message lists why).
+        FileExistsError: `out` holds something other than a previous export.
+    """
+    from kit.model import read_checkpoint, save_checkpoint
+
+    run, out = Path(run), Path(out)
+    if which not in CHECKPOINTS:
+        raise ValueError(f"which must be one of {list(CHECKPOINTS)}, got {which!r}")
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    source = run / CHECKPOINTS[which]
+    ckpt = read_checkpoint(source)
+    user = validate_user(user) if user is not None else read_user(root)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in ckpt["metrics"].items())
+    meta = dataset_metadata(
+        user,
+        slug,
+        title,
+        f"HuBMAP kit checkpoint: {ckpt['model_name']}, epoch {ckpt['epoch']}"
+        + (f" ({metrics})" if metrics else "")
+        + f", from run {run.resolve().name}.",
+    )
+    _raise_problems(f"{out / DATASET_METADATA} (to be written)", _dataset_problems(meta, None))
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        if keep_training_state:
+            shutil.copy2(source, staging / source.name)
+        else:
+            slim = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+            save_checkpoint(staging / source.name, slim)
+        for name in RUN_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, staging / name)
+        _write_json(staging / DATASET_METADATA, meta)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DATASET_METADATA).is_file():
+        raise FileExistsError(
+            f"{out} is not empty and holds no {DATASET_METADATA} (not a previous export): "
+            "choose another --out"
+        )
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename the finished `staging` folder to `out`, replacing a previous `out` as a whole."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` atomically: a temp file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, document: Mapping[str, Any]) -> None:
+    _write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_wheels_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m kit wheels``."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="wheelhouse folder (default: <repo>/wheels); the local target goes to OUT/local",
+    )
+    parser.add_argument(
+        "--target",
+        choices=(*TARGETS, "both"),
+        default="kaggle",
+        help="kaggle: CPython 3.12 manylinux x86_64 (the Kaggle image); local: this interpreter",
+    )
+    parser.add_argument("--requirements", type=Path, help="default: <repo>/wheels/requirements.txt")
+    parser.add_argument("--root", type=Path, help="the kit's source tree (default: this repo)")
+
+
+def run_wheels(args: argparse.Namespace) -> None:
+    """Build the wheelhouse(s); a kaggle wheelhouse also gets its dataset-metadata.json."""
+    root = Path(args.root) if args.root else repo_root()
+    out = Path(args.out) if args.out else root / "wheels"
+    targets = TARGETS if args.target == "both" else (args.target,)
+    for target in targets:
+        dest = out if target == "kaggle" else out / "local"
+        print(f"{target} wheelhouse: {dest}")
+        build_wheelhouse(dest, target, requirements=args.requirements, root=root, log=print)
+        if target == "kaggle" and not (dest / DATASET_METADATA).is_file():
+            _write_json(dest / DATASET_METADATA, wheels_dataset_metadata(read_user(root)))
+    if "kaggle" in targets:
+        print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m kit export`` (``--run`` lands in ``args.run_dir``: the CLI keeps
+    its handler in ``args.run``)."""
+    parser.add_argument(
+        "--run", dest="run_dir", metavar="RUN", type=Path, required=True, help="a training run"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the model dataset folder")
+    parser.add_argument("--which", choices=tuple(CHECKPOINTS), default="best")
+    parser.add_argument("--slug", default=MODEL_SLUG, help="dataset URL slug (6-50 characters)")
+    parser.add_argument("--title", default=MODEL_TITLE, help="dataset title (6-50 characters)")
+    parser.add_argument("--user", help="Kaggle owner (default: the one in kaggle-user.txt)")
+    parser.add_argument(
+        "--keep-training-state",
+        action="store_true",
+        help="keep optimizer/scheduler state (only resuming training needs it)",
+    )
+    parser.add_argument("--root", type=Path, help="the repository (default: this repo)")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """Export the model dataset; warn when the kernel does not attach it."""
+    root = Path(args.root) if args.root else repo_root()
+    out = export_model(
+        args.run_dir,
+        args.out,
+        which=args.which,
+        user=args.user,
+        slug=args.slug,
+        title=args.title,
+        keep_training_state=args.keep_training_state,
+        root=root,
+    )
+    meta = json.loads((out / DATASET_METADATA).read_text())
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name} ({_size(path)})")
+    print(f"model dataset {meta['id']}: {out}")
+    kernel = root / KERNEL_METADATA
+    if kernel.is_file():
+        sources = json.loads(kernel.read_text()).get("dataset_sources", [])
+        if meta["id"] not in sources:
+            print(f"warning: {kernel} does not attach {meta['id']} (dataset_sources: {sources})")
+    if meta["id"].startswith(PLACEHOLDER_USER + "/"):
+        print("warning: no Kaggle user recorded: python -m kit kaggle-metadata --user NAME")
+    print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")
+
+
+def add_kaggle_metadata_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m kit kaggle-metadata``."""
+    parser.add_argument("--user", help="your Kaggle user name (recorded in kaggle-user.txt)")
+    parser.add_argument(
+        "datasets", nargs="*", type=Path, help="model dataset folders (exports) to fill too"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate every metadata file (fails on problems or an unset user name)",
+    )
+    parser.add_argument("--root", type=Path, help="the repository (default: this repo)")
+
+
+def run_kaggle_metadata(args: argparse.Namespace) -> None:
+    """Record the user's name and fill it into every metadata file, or ``--check`` them."""
+    root = Path(args.root) if args.root else repo_root()
+    if args.check:
+        check_all_metadata(root, args.datasets, user=args.user)
+        print("metadata ready: " + ", ".join(str(p) for p in _metadata_files(root, args.datasets)))
+        return
+    for path in fill_metadata(args.user, root=root, datasets=args.datasets):
+        print(f"wrote {path}")
+    user = read_user(root)
+    print(f"Kaggle user: {user} (recorded in {root / USER_FILE})")
+    if user == PLACEHOLDER_USER:
+        print("warning: still the placeholder name: python -m kit kaggle-metadata --user NAME")
+    for path in _metadata_files(root, args.datasets):
+        for problem in _validate(path):
+            print(f"warning: {path}: {problem}")
+
+
+def check_all_metadata(
+    root: str | os.PathLike, datasets: Iterable[str | os.PathLike] = (), user: str | None = None
+) -> None:
+    """ValueError listing every problem of every metadata file, an unset user name included."""
+    root = Path(root)
+    user = validate_user(user) if user is not None else read_user(root)
+    problems = []
+    if user == PLACEHOLDER_USER:
+        problems.append(f"{root / USER_FILE}: no user name recorded (kaggle-metadata --user NAME)")
+    for path in _metadata_files(root, datasets):
+        found = _validate(path)
+        if not found:
+            owner = json.loads(path.read_text())["id"].split("/")[0]
+            if owner != user:
+                found = [f"id: owner {owner!r} is not the recorded user {user!r}"]
+        problems += [f"{path}: {p}" for p in found]
+    if problems:
+        raise ValueError("metadata not ready:\n  " + "\n  ".join(problems))
+
+
+def _validate(path: Path) -> list[str]:
+    """The problems of a kernel (as a competition submission) or dataset metadata file."""
+    if path.name == KERNEL_METADATA:
+        return validate_kernel_metadata(path, offline_competition=COMPETITION)
+    return validate_dataset_metadata(path)
+
+
+def _metadata_files(root: Path, datasets: Iterable[str | os.PathLike]) -> list[Path]:
+    return [root / KERNEL_METADATA, root / "wheels" / DATASET_METADATA] + [
+        Path(d) / DATASET_METADATA for d in datasets
+    ]
