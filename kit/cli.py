@@ -17,6 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
+# The argument definitions live next to what they configure; the work is imported per command.
+from kit import kaggle
+from kit.train import add_train_arguments
+
 
 def _synth(args: argparse.Namespace) -> None:
     from kit.synthetic import make_dataset
@@ -100,13 +104,6 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, data=args.data)
 
 
-def _not_ready(name: str):
-    def run(args: argparse.Namespace) -> None:
-        raise ValueError(f"'{name}' is not available in this build")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kit",
@@ -126,13 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("train", help="train a model with held-out-slide validation")
-    try:
-        from kit.train import add_train_arguments
-    except ImportError:
-        p.set_defaults(run=_not_ready("train"))
-    else:
-        add_train_arguments(p)
-        p.set_defaults(run=_train)
+    add_train_arguments(p)
+    p.set_defaults(run=_train)
 
     for name, helptext, run in (
         ("predict", "write submission.csv for the ids of sample_submission.csv", _predict),
@@ -157,10 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="use this dataset instead of the synthetic default")
     p.set_defaults(run=_demo)
 
-    try:
-        from kit import kaggle
-    except ImportError:
-        kaggle = None
     for name, helptext in (
         ("wheels", "build the offline wheelhouse for the Kaggle notebook"),
         ("export", "write a model dataset (checkpoint + dataset-metadata.json)"),
@@ -168,11 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         attr = name.replace("-", "_")
-        if kaggle is None:
-            p.set_defaults(run=_not_ready(name))
-        else:
-            getattr(kaggle, f"add_{attr}_arguments")(p)
-            p.set_defaults(run=getattr(kaggle, f"run_{attr}"))
+        getattr(kaggle, f"add_{attr}_arguments")(p)
+        p.set_defaults(run=getattr(kaggle, f"run_{attr}"))
     return parser
 
 
