@@ -10,7 +10,9 @@ The slide is synthetic (``kit.synthetic.make_slide``: about half glass, half tis
 a tiled, zlib-compressed RGB TIFF and cached under the temp dir. Three measurements:
 
 (a) the model (random init, the same weights for both): the baseline is the loop of the seeds'
-    kernels: the seeds' grid (``make_grid``), one window at a time: rasterio read, PIL resize
+    kernels: the seeds' grid (``make_grid`` with their MIN_OVERLAP 32; kit keeps its own
+    default overlap, 256: each side at its natural setting, same window and scale), one window
+    at a time: rasterio read, PIL resize
     down, the model on a batch of one, sigmoid, cv2 resize back, threshold into a full-size uint8
     mask, then the classic numba RLE of ``mask.T`` flattened; against ``predict_slide_rle`` (plan
     aligned to the scale, tissue skipping, batches, reads in a background thread, cores merged
@@ -18,7 +20,8 @@ a tiled, zlib-compressed RGB TIFF and cached under the temp dir. Three measureme
 (b) the same with a trivial pointwise predictor: each pipeline's own cost.
 (c) peak RSS of ``predict_slide_rle`` (trivial predictor) on big slides, each in a fresh
     subprocess: peak (VmHWM, reset through /proc/self/clear_refs) minus the RSS before the call,
-    and the extra bytes per pixel between two sizes: what grows with the slide's area.
+    and the extra bytes per pixel between two sizes: what grows with the slide's area. Run with
+    GDAL_CACHEMAX unset (kit.slides caps GDAL's block cache itself) and set from outside.
 """
 
 from __future__ import annotations
@@ -211,24 +214,30 @@ def agreement(rle_a: str, rle_b: str, shape) -> str:
     return f"Dice {dice:.4f}, foreground {a.mean():.2%} vs {b.mean():.2%}"
 
 
-def compare(title, path, size, predictor, cfg, repeat=1) -> dict:
-    """Time the baseline and predict_slide_rle on one slide, interleaved, best of ``repeat``."""
+def compare(title, path, size, predictor, cfg, base_overlap, repeat=1) -> dict:
+    """Time the baseline and predict_slide_rle on one slide, interleaved, best of ``repeat``.
+
+    Same window and scale on both sides; each its own natural overlap: the seeds' MIN_OVERLAP
+    (``base_overlap``, 32) for the baseline, ``cfg.overlap`` for kit (whose cores need context).
+    """
     t_base = t_kit = float("inf")
     for _ in range(repeat):
-        t, rle_base = timed(baseline_rle, path, predictor, cfg.window, cfg.overlap, cfg.scale)
+        t, rle_base = timed(baseline_rle, path, predictor, cfg.window, base_overlap, cfg.scale)
         t_base = min(t_base, t)
         t, rle_kit = timed(predict_slide_rle, path, predictor, cfg)
         t_kit = min(t_kit, t)
     px = size * size / 1e6
-    n_base = len(make_grid((size, size), cfg.window, cfg.overlap))
+    n_base = len(make_grid((size, size), cfg.window, base_overlap))
     n_kit = len(plan((size, size), cfg.window, cfg.overlap, align=cfg.scale))
     best = f", best of {repeat}" if repeat > 1 else ""
-    print(f"\n({title}) slide {size} x {size}, window {cfg.window}, overlap {cfg.overlap}, "
-          f"scale {cfg.scale}{best}")  # fmt: skip
+    print(f"\n({title}) slide {size} x {size}, window {cfg.window}, scale {cfg.scale}, "
+          f"overlap: baseline {base_overlap} (seeds' min_overlap), "
+          f"kit {cfg.overlap}{best}")  # fmt: skip
     print(f"  baseline (seeds' loop)   {t_base:8.2f} s  {px / t_base:7.2f} Mpx/s  "
-          f"({n_base} windows, batches of 1)")  # fmt: skip
+          f"({n_base} windows, min_overlap {base_overlap}, batches of 1)")  # fmt: skip
     print(f"  kit predict_slide_rle    {t_kit:8.2f} s  {px / t_kit:7.2f} Mpx/s  "
-          f"({n_kit} tiles before tissue skipping, batches of {cfg.batch_size})")  # fmt: skip
+          f"({n_kit} tiles before tissue skipping, overlap {cfg.overlap}, "
+          f"batches of {cfg.batch_size}, {cfg.workers} reader thread(s))")  # fmt: skip
     print(f"  time ratio kit/baseline  {t_kit / t_base:8.2f}x   "
           f"(throughput {t_base / t_kit:.2f}x the baseline's)")  # fmt: skip
     print(f"  masks, kit vs baseline: {agreement(rle_kit, rle_base, (size, size))}")
@@ -257,7 +266,8 @@ def rss_child(path: Path, cfg: InferConfig) -> None:
 def measure_rss(path: Path, cfg: InferConfig, env: dict[str, str]) -> dict:
     cmd = [sys.executable, __file__, "--rss-child", str(path), "--window", str(cfg.window),
            "--overlap", str(cfg.overlap), "--scale", str(cfg.scale)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    base = {k: v for k, v in os.environ.items() if k != "GDAL_CACHEMAX"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**base, **env})
     if done.returncode != 0:
         raise SystemExit(f"RSS measurement failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -275,10 +285,11 @@ def memory(cache: Path, sizes: list[int], cfg: InferConfig) -> None:
                 f"  wrote {paths[size]} ({paths[size].stat().st_size / 2**20:.0f} MiB) in {t:.0f} s"
             )
     # GDAL keeps decoded blocks in a process-wide cache of up to GDAL_CACHEMAX (default 5% of
-    # RAM): the thumbnail's pass over the slide fills it, which is GDAL's memory, not kit's.
+    # RAM); kit.slides caps it (GDAL_CACHE_BYTES) while it reads: the first run sets nothing,
+    # the second caps it from outside as well, for comparison.
     for label, env in (
-        ("GDAL cache default", {}),
-        ("GDAL_CACHEMAX=64 MB", {"GDAL_CACHEMAX": "64"}),
+        ("GDAL_CACHEMAX not set (kit's own cap)", {}),
+        ("GDAL_CACHEMAX=64 MB set outside", {"GDAL_CACHEMAX": "64"}),
     ):
         print(f"  {label}:")
         extra = {}
@@ -303,6 +314,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--overlap", type=int, default=256)
     parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument(
+        "--baseline-overlap", type=int, default=32, help="the seeds' MIN_OVERLAP for make_grid"
+    )
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[20000, 5000])
     parser.add_argument("--skip-model", action="store_true", help="skip (a)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench")
@@ -323,8 +337,10 @@ def main() -> None:
         model = build(args.model)
         with torch.no_grad():
             model(torch.rand(1, 3, args.window // args.scale, args.window // args.scale))
-        compare(f"a, {args.model}", path, args.size, model, cfg)
-    compare("b, trivial predictor", path, args.size, trivial, cfg, args.repeat)
+        compare(f"a, {args.model}", path, args.size, model, cfg, args.baseline_overlap)
+    compare(
+        "b, trivial predictor", path, args.size, trivial, cfg, args.baseline_overlap, args.repeat
+    )
     if args.memory_sizes:
         memory(args.cache, args.memory_sizes, cfg)
 

@@ -72,6 +72,9 @@ _FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 # for probabilities), so a window whose low-resolution probabilities all lie farther than this
 # below (above) the threshold is all 0 (1) at full resolution and needs no upsampling.
 _SHORTCUT_MARGIN = 1e-5
+# Low-resolution rows per band when merging a mask: bands are checked against that margin one
+# by one (smaller bands skip more upsampling, at a little Python overhead each).
+_MERGE_BAND_ROWS = 16
 
 
 @dataclass
@@ -364,28 +367,31 @@ def _merge(
     # Low-resolution rows/cols the core's pixels interpolate from: the core's span widened by
     # one pixel, and never past the slide (the window may extend beyond it, filled): the slide's
     # edge is then clamped exactly as when the whole slide is upsampled at once.
-    (r0, r1), (c0, c1) = (
-        _source_span(core.start - start, core.stop - start, min(stop, n) - start, s)
-        for core, start, stop, n in (
-            (tile.core[0], tile.y0, tile.y1, shape[0]),
-            (tile.core[1], tile.x0, tile.x1, shape[1]),
-        )
+    c0, c1 = _source_span(
+        tile.cx0 - tile.x0, tile.cx1 - tile.x0, min(tile.x1, shape[1]) - tile.x0, s
     )
-    low = probs[r0:r1, c0:c1]
-    rows = slice(tile.cy0, tile.cy1)
-    # The core within the upsampled piece, whose first pixel is (r0 * s, c0 * s) in the window.
-    dy, dx = tile.cy0 - tile.y0 - r0 * s, tile.cx0 - tile.x0 - c0 * s
-    core_h, core_w = tile.cy1 - tile.cy0, tile.cx1 - tile.cx0
-    if binary:
-        if low.max() <= cfg.threshold - _SHORTCUT_MARGIN:
-            return  # all 0, as the strip already is
-        if low.min() > cfg.threshold + _SHORTCUT_MARGIN:
-            strip[rows] = 1
-            return
-        if cfg.upsample == "nearest":  # thresholding commutes with nearest: upsample 0/1
-            low = (low > cfg.threshold).view(np.uint8)
-    up = upsample(low, s, cfg.upsample)[dy : dy + core_h, dx : dx + core_w]
-    strip[rows] = up > cfg.threshold if binary and up.dtype != np.uint8 else up
+    valid_h = min(tile.y1, shape[0]) - tile.y0
+    # The core within the upsampled piece, whose first column is c0 * s in the window.
+    dx, core_w = tile.cx0 - tile.x0 - c0 * s, tile.cx1 - tile.cx0
+    # A mask is merged in bands of rows, each widened like the core, so that bands whose
+    # probabilities all lie far from the threshold (most of a slide) skip the upsampling.
+    band = _MERGE_BAND_ROWS * s if binary else tile.cy1 - tile.cy0
+    for y0 in range(tile.cy0, tile.cy1, band):
+        y1 = min(y0 + band, tile.cy1)
+        r0, r1 = _source_span(y0 - tile.y0, y1 - tile.y0, valid_h, s)
+        low = probs[r0:r1, c0:c1]
+        rows = slice(y0, y1)
+        if binary:
+            if low.max() <= cfg.threshold - _SHORTCUT_MARGIN:
+                continue  # all 0, as the strip already is
+            if low.min() > cfg.threshold + _SHORTCUT_MARGIN:
+                strip[rows] = 1
+                continue
+            if cfg.upsample == "nearest":  # thresholding commutes with nearest: upsample 0/1
+                low = (low > cfg.threshold).view(np.uint8)
+        dy = y0 - tile.y0 - r0 * s
+        up = upsample(low, s, cfg.upsample)[dy : dy + y1 - y0, dx : dx + core_w]
+        strip[rows] = up > cfg.threshold if binary and up.dtype != np.uint8 else up
 
 
 def _source_span(core0: int, core1: int, valid: int, scale: int) -> tuple[int, int]:
@@ -519,11 +525,13 @@ def _read_batch(slide: Slide, tiles: Sequence[Tile], scale: int) -> np.ndarray:
 
     The conversion happens here, in the reader thread, off the predictor's thread.
     """
-    first = slide.read(*tiles[0].window, scale=scale)
-    batch = np.empty((len(tiles), 3, *first.shape[:2]), np.float32)
+    # Planes (3, h, w), as GDAL decodes them and the predictor takes them: `Slide.read`'s
+    # (h, w, 3) would cost two transposing copies per window.
+    first = slide._read_planes(*tiles[0].window, scale=scale)
+    batch = np.empty((len(tiles), *first.shape), np.float32)
     for k, tile in enumerate(tiles):
-        window = first if k == 0 else slide.read(*tile.window, scale=scale)
-        np.divide(window.transpose(2, 0, 1), np.float32(255), out=batch[k])
+        window = first if k == 0 else slide._read_planes(*tile.window, scale=scale)
+        np.divide(window, np.float32(255), out=batch[k])
     return batch
 
 

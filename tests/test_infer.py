@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kit.infer
 from kit.infer import (
     InferConfig,
     iter_mask_strips,
@@ -104,6 +105,25 @@ def test_predict_slide_equals_whole_image(
     np.testing.assert_array_equal(mask, (expected > 0.5).astype(np.uint8))
     assert 0 < mask.sum() < mask.size
     assert predict_slide_rle(path, pointwise, cfg) == encode(mask)
+
+
+@pytest.mark.parametrize("band_rows", [1, 3, 1000])
+@pytest.mark.parametrize(
+    ("shape", "window", "overlap", "scale", "mode"),
+    [EXACT_CASES[3], EXACT_CASES[6], EXACT_CASES[8], EXACT_CASES[10]],
+)
+def test_mask_merged_in_row_bands_equals_whole_image(
+    tmp_path, write_tiff, monkeypatch, band_rows, shape, window, overlap, scale, mode
+):
+    # A smooth image gives bands all below, all above and across the threshold; each kind is
+    # shortcut or upsampled on its own, and band edges must not show.
+    monkeypatch.setattr(kit.infer, "_MERGE_BAND_ROWS", band_rows)
+    image = smooth_image(shape, seed=3, noise=2)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window, overlap, scale, upsample=mode, tissue=False)
+    expected = (reference_probs(image, cfg) > 0.5).astype(np.uint8)
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_array_equal(predict_slide(path, pointwise, cfg), expected)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.errors import NotGeoreferencedWarning
 
+from kit import slides
 from kit.slides import Slide, downscale
 
 H, W = 301, 517  # awkward: prime-ish, not multiples of any scale or of the 64-px tiles
@@ -302,6 +303,60 @@ def test_thumbnail_of_awkward_size_is_close(tmp_path, write_tiff):
             bound = shift * 255 / H + 1  # the steepest gradient is 255 / H per pixel
             inner = reference_downscale(image.astype(np.uint8), scale)[:-1, :-1]  # no padding
             assert np.abs(thumb[:-1, :-1].astype(int) - inner).max() <= bound
+
+
+@pytest.mark.parametrize("layout", ["rgb", "planes", "grey", "rgba"])
+@pytest.mark.parametrize("tile", [(64, 48), None])
+@pytest.mark.parametrize("chunk_pixels", [1, 5000, 2**22])
+def test_thumbnail_without_overviews_is_the_exact_read_in_any_chunking(
+    tmp_path, write_tiff, rgb, monkeypatch, layout, tile, chunk_pixels
+):
+    # Chunks of one block (or one strip), of a few blocks and the whole slide: chunk edges at
+    # multiples of the scale make the thumbnail read(full, scale) exactly, RGBA alpha ignored.
+    path, expected = write_layout(write_tiff, tmp_path / "t.tiff", rgb, layout, tile=tile)
+    monkeypatch.setattr(slides, "_THUMB_CHUNK_PIXELS", chunk_pixels)
+    with Slide(path, fill=255) as slide:
+        for scale in (3, 16, 64, 600):
+            np.testing.assert_array_equal(
+                slide.thumbnail(scale), reference_downscale(expected, scale, 255), f"{scale}"
+            )
+
+
+@pytest.mark.parametrize("block, n, scale", [(64, 517, 3), (16, 301, 64), (517, 517, 4)])
+@pytest.mark.parametrize("budget", [1, 100, 10**6])
+def test_thumbnail_chunks_align_to_scale_and_blocks(block, n, scale, budget):
+    step = slides._chunk_step(block, n, scale, budget)
+    assert 1 <= step and (step == n or step % scale == 0)
+    if block < n and np.lcm(block, scale) <= 4096:
+        assert step % block == 0  # every block decoded by one chunk only
+    assert step < n + np.lcm(block, scale)  # about the budget, never past the axis by a unit
+
+
+def test_reads_run_with_gdal_cache_capped_and_restore_it(tmp_path, write_tiff, rgb):
+    # GDAL's block cache defaults to 5% of RAM; a Slide's reads run with it capped and leave
+    # the caller's setting as it was.
+    seen = []
+
+    class Spy:
+        def __init__(self, ds):
+            self.ds = ds
+
+        def read(self, *args, **kwargs):
+            seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
+            return self.ds.read(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.ds, name)
+
+    path, _ = write_layout(write_tiff, tmp_path / "s.tiff", rgb, "rgb")
+    with rasterio.Env(GDAL_CACHEMAX=123456789):
+        with Slide(path) as slide:
+            slide._datasets = [Spy(ds) for ds in slide._datasets]
+            slide.read(slice(0, 10), slice(0, 10))
+            slide.thumbnail(8)
+            slide._datasets = [spy.ds for spy in slide._datasets]
+        assert rasterio.env.getenv()["GDAL_CACHEMAX"] == 123456789
+    assert seen and all(v == slides.GDAL_CACHE_BYTES for v in seen)
 
 
 def test_thumbnail_uses_overviews(tmp_path, rgb):
