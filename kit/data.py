@@ -1,0 +1,618 @@
+"""Training tiles: which windows to learn from, a tile cache on disk, the Dataset and the splits.
+
+Reading 1024 px windows from multi-gigabyte TIFFs and downscaling them is far slower than a
+training step, so tiles are prepared once per slide and kept as plain ``.npy`` arrays that
+``np.load(mmap_mode="r")`` maps straight into memory (no pickle)::
+
+    cache = build_tile_cache(data_dir, "aaa6a05cc", DataConfig(), cache_dir)
+    ds = TileDataset([cache], train_transforms())
+    image, mask = ds[0]  # float32 (3, 256, 256) in [0, 1], float32 (1, 256, 256) of 0/1
+
+Every window of the slide's tiling plan is labelled ``positive`` (enough glomerulus pixels),
+``tissue`` (tissue but no glomerulus: the hard negatives) or ``background``. All positives are
+kept and a configurable share of the others, so the model also sees what is *not* a glomerulus.
+
+Splits are by slide (or patient), never by tile: tiles of one slide are strongly correlated and a
+random tile split overstates Dice by several points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from kit.rle import decode_columns
+from kit.slides import Slide, downscale
+from kit.tiling import plan, tissue_fraction, tissue_mask
+
+# Bump when the way tiles are built changes, so that old caches are rebuilt.
+CACHE_FORMAT = 1
+KINDS = ("positive", "tissue", "background")
+INFO_CSV = "HuBMAP-20-dataset_information.csv"
+
+
+@dataclass
+class DataConfig:
+    """How training tiles are cut from the slides and which of them are kept."""
+
+    window: int = 1024  # side of a window read from the slide, full-resolution pixels
+    scale: int = 4  # downscale factor: tiles are window // scale pixels a side
+    overlap: int = 256  # overlap between neighbouring windows of the grid, full-resolution px
+    min_mask_fraction: float = 0.001  # glomerulus share of a window that makes it "positive"
+    min_tissue_fraction: float = 0.05  # tissue share that makes a negative "tissue", not background
+    tissue_share: float = 0.5  # share of tissue-only negatives kept (the hard negatives)
+    background_share: float = 0.05  # share of background windows kept
+    mask_source: str = "rle"  # "rle": train.csv encodings; "json": train/{id}.json polygons
+    thumb_scale: int = 16  # downscale of the thumbnail used for the tissue test
+    saturation: int = 40  # HSV saturation threshold of the tissue test (0..255)
+    seed: int = 0  # chooses which negatives are kept
+
+    def __post_init__(self) -> None:
+        if self.window <= 0 or self.scale <= 0 or self.window % self.scale:
+            raise ValueError(
+                f"window ({self.window}) must be a positive multiple of scale ({self.scale})"
+            )
+        if not 0 <= self.overlap < self.window:
+            raise ValueError(f"overlap must be in [0, window={self.window}), got {self.overlap}")
+        for name in ("tissue_share", "background_share", "min_mask_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mask_source not in ("rle", "json"):
+            raise ValueError(f"mask_source must be 'rle' or 'json', got {self.mask_source!r}")
+
+    @property
+    def tile(self) -> int:
+        """Side of a cached tile in pixels."""
+        return self.window // self.scale
+
+
+# --------------------------------------------------------------------------- slides and masks
+
+
+def train_ids(data_dir: str | os.PathLike) -> list[str]:
+    """Slide ids of ``train.csv`` in file order."""
+    return list(_train_csv(Path(data_dir)).index)
+
+
+def _train_csv(data_dir: Path) -> pd.DataFrame:
+    path = data_dir / "train.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no train.csv in {data_dir}")
+    return pd.read_csv(path, index_col="id", dtype={"id": str, "encoding": str})
+
+
+def slide_path(data_dir: str | os.PathLike, slide_id: str) -> Path:
+    """The training TIFF of a slide; FileNotFoundError naming it when missing."""
+    path = Path(data_dir) / "train" / f"{slide_id}.tiff"
+    if not path.is_file():
+        raise FileNotFoundError(f"slide {slide_id!r} not found: {path}")
+    return path
+
+
+MaskStrip = Callable[[slice], np.ndarray]
+
+
+def mask_source(
+    data_dir: str | os.PathLike, slide_id: str, shape: tuple[int, int], source: str = "rle"
+) -> tuple[MaskStrip, str]:
+    """The slide's ground truth as a column-strip reader, and a digest of where it comes from.
+
+    Returns ``(strip, digest)``: ``strip(cols)`` gives the uint8 (H, cols width) 0/1 mask of those
+    columns (``cols`` within the slide), without building the whole mask (a real slide's mask is
+    about 1 GB). ``digest`` changes whenever the annotation does (cache key).
+    """
+    data_dir = Path(data_dir)
+    if source == "rle":
+        table = _train_csv(data_dir)
+        if slide_id not in table.index:
+            raise ValueError(f"slide {slide_id!r} has no row in {data_dir / 'train.csv'}")
+        rle = table.at[slide_id, "encoding"]
+        rle = "" if pd.isna(rle) else str(rle)
+        return (lambda cols: decode_columns(rle, shape, cols)), _digest(rle.encode())
+    if source == "json":
+        path = data_dir / "train" / f"{slide_id}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no polygon file for slide {slide_id!r}: {path}")
+        polygons = read_polygons(path)
+        return (lambda cols: rasterize_columns(polygons, shape, cols)), _digest(path.read_bytes())
+    raise ValueError(f"mask source must be 'rle' or 'json', got {source!r}")
+
+
+def read_polygons(path: str | os.PathLike) -> list[np.ndarray]:
+    """Exterior rings of the glomerulus polygons of a ``train/{id}.json`` file.
+
+    Returns a list of float64 (k, 2) arrays of (x, y) full-resolution pixel coordinates. Accepts a
+    list of GeoJSON Features or a FeatureCollection, with Polygon or MultiPolygon geometries.
+    Holes are ignored (glomerulus annotations have none worth the complexity).
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+        features = doc["features"] if isinstance(doc, dict) else doc
+        rings = []
+        for feature in features:
+            geometry = feature["geometry"]
+            polygons = geometry["coordinates"]
+            if geometry["type"] == "Polygon":
+                polygons = [polygons]
+            elif geometry["type"] != "MultiPolygon":
+                continue
+            rings += [
+                np.asarray(polygon[0], dtype=np.float64).reshape(-1, 2) for polygon in polygons
+            ]
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise ValueError(f"{path}: not a GeoJSON polygon file ({err})") from err
+    return rings
+
+
+def rasterize_columns(
+    polygons: Sequence[np.ndarray], shape: tuple[int, int], cols: slice
+) -> np.ndarray:
+    """Fill polygons into the uint8 (H, cols width) strip of a mask of ``shape``.
+
+    Equals the same columns of the whole rasterised mask: the polygons meeting the strip are
+    filled whole on a wider canvas, then cropped (OpenCV rounds clipped edges differently).
+    """
+    x0, x1 = cols.start or 0, shape[1] if cols.stop is None else cols.stop
+    inside = [p for p in polygons if p[:, 0].max() >= x0 and p[:, 0].min() < x1]
+    lo = int(min([x0] + [np.floor(p[:, 0].min()) for p in inside]))
+    hi = int(max([x1] + [np.ceil(p[:, 0].max()) + 1 for p in inside]))
+    canvas = np.zeros((shape[0], hi - lo), dtype=np.uint8)
+    if inside:
+        cv2.fillPoly(canvas, [np.round(p - (lo, 0)).astype(np.int32) for p in inside], 1)
+    return np.ascontiguousarray(canvas[:, x0 - lo : x1 - lo])
+
+
+# --------------------------------------------------------------------------- tile index
+
+
+def index_slide(
+    path: str | os.PathLike, mask_strip: MaskStrip, cfg: DataConfig, slide_id: str = ""
+) -> pd.DataFrame:
+    """Label every window of the slide's tiling plan.
+
+    Returns a DataFrame with one row per window, in plan order (column strip by column strip):
+    ``id, y0, x0, y1, x1`` (full-resolution window, may pass the slide edge), ``mask_fraction``
+    and ``tissue_fraction`` (shares of the window's area) and ``kind``.
+    """
+    with Slide(path) as slide:
+        shape = slide.shape
+        tiles = plan(shape, cfg.window, cfg.overlap, align=cfg.scale)
+        thumb = slide.thumbnail(cfg.thumb_scale)
+    tissue = tissue_fraction(tiles, tissue_mask(thumb, cfg.saturation), cfg.thumb_scale)
+    area = float(cfg.window * cfg.window)
+    masked = np.zeros(len(tiles))
+    for cols, members in _column_strips(tiles, shape):
+        strip = mask_strip(cols)
+        # One cumulative sum per strip turns each window's count into two lookups.
+        rows = np.concatenate([[0], np.cumsum(strip.sum(axis=1, dtype=np.int64))])
+        for i in members:
+            t = tiles[i]
+            masked[i] = rows[min(t.y1, shape[0])] - rows[max(t.y0, 0)]
+    mask_fraction = masked / area
+    kind = np.where(
+        (masked > 0) & (mask_fraction >= cfg.min_mask_fraction),
+        "positive",
+        np.where(tissue >= cfg.min_tissue_fraction, "tissue", "background"),
+    )
+    return pd.DataFrame(
+        {
+            "id": slide_id,
+            "y0": [t.y0 for t in tiles],
+            "x0": [t.x0 for t in tiles],
+            "y1": [t.y1 for t in tiles],
+            "x1": [t.x1 for t in tiles],
+            "mask_fraction": mask_fraction,
+            "tissue_fraction": np.asarray(tissue, dtype=np.float64),
+            "kind": kind,
+        }
+    )
+
+
+def select_tiles(index: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Keep every positive window and a random share of each kind of negative.
+
+    The draw is seeded by ``cfg.seed`` and the slide id, so a slide's selection does not depend on
+    which other slides are in the run.
+    """
+    slide_id = str(index["id"].iloc[0]) if len(index) else ""
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(slide_id.encode())])
+    draw = rng.random(len(index))
+    share = index["kind"].map(
+        {"positive": 1.0, "tissue": cfg.tissue_share, "background": cfg.background_share}
+    )
+    return index[draw < share.to_numpy()].reset_index(drop=True)
+
+
+def _column_strips(tiles, shape) -> Iterable[tuple[slice, list[int]]]:
+    """Group tile numbers by column range (the plan is ordered strip by strip)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, t in enumerate(tiles):
+        groups.setdefault((t.x0, t.x1), []).append(i)
+    for (x0, x1), members in groups.items():
+        yield slice(max(x0, 0), min(x1, shape[1])), members
+
+
+# --------------------------------------------------------------------------- tile cache
+
+
+def cache_key(path: str | os.PathLike, mask_digest: str, cfg: DataConfig) -> tuple[str, dict]:
+    """Hash of everything a slide's tiles depend on: the file's identity, its mask, the config."""
+    stat = os.stat(path)
+    inputs = {
+        "format": CACHE_FORMAT,
+        "slide": {
+            "path": str(Path(path).resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        },
+        "mask": mask_digest,
+        "config": asdict(cfg),
+    }
+    return _digest(json.dumps(inputs, sort_keys=True).encode()), inputs
+
+
+def build_tile_cache(
+    data_dir: str | os.PathLike,
+    slide_id: str,
+    cfg: DataConfig,
+    cache_dir: str | os.PathLike,
+    *,
+    progress: bool | None = None,
+) -> Path:
+    """Return the cache folder of a slide's tiles, building it first when missing or stale.
+
+    The folder is ``cache_dir/{slide_id}-{key[:16]}`` and holds ``images.npy`` uint8 (N, t, t, 3),
+    ``masks.npy`` uint8 (N, t, t) of 0/1, ``index.csv`` (one row per tile: id, window, kind) and
+    ``manifest.json`` (the key and the inputs it hashes). It is built in a temporary folder and
+    renamed into place, so a crash leaves no half-written cache behind.
+    ``progress=None`` shows a bar on a terminal or in Jupyter (see ``show_progress``).
+    """
+    path = slide_path(data_dir, slide_id)
+    with Slide(path) as slide:
+        shape = slide.shape
+    strip, digest = mask_source(data_dir, slide_id, shape, cfg.mask_source)
+    key, inputs = cache_key(path, digest, cfg)
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / f"{slide_id}-{key[:16]}"
+    if _manifest_key(folder) == key:
+        return folder
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{slide_id}-{os.getpid()}-", dir=cache_dir))
+    try:
+        index = select_tiles(index_slide(path, strip, cfg, slide_id), cfg)
+        _write_tiles(tmp, path, strip, shape, index, cfg, progress)
+        index.to_csv(tmp / "index.csv", index=False)
+        manifest = {
+            "key": key,
+            "slide_id": slide_id,
+            "count": len(index),
+            "tile": cfg.tile,
+            "kinds": {k: int((index["kind"] == k).sum()) for k in KINDS},
+            "inputs": inputs,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks it whole
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # Another process (a second rank, a parallel run) finished the same cache first.
+            if _manifest_key(folder) != key:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune_stale(cache_dir, slide_id, inputs["slide"])
+    return folder
+
+
+def _prune_stale(cache_dir: Path, slide_id: str, slide: dict) -> None:
+    """Delete what can never be reused: this slide's caches built from an earlier version of its
+    file, and temporary folders of builds whose process died (killed mid-build).
+
+    Caches of the same file with other parameters are kept (another run may use them).
+    """
+    for folder in cache_dir.glob(f"{slide_id}-*"):
+        try:
+            old = json.loads((folder / "manifest.json").read_text())["inputs"]["slide"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if old["path"] == slide["path"] and old != slide:
+            shutil.rmtree(folder, ignore_errors=True)
+    for folder in cache_dir.glob(f".{slide_id}-*-*"):
+        pid = folder.name[len(slide_id) + 2 :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _write_tiles(folder, path, mask_strip, shape, index, cfg, progress) -> None:
+    """Read, downscale and store the windows of ``index`` (and their masks) into ``folder``.
+
+    Column strip by column strip, so each strip of the mask is decoded once.
+    """
+    n, t = len(index), cfg.tile
+    images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, t, t, 3))
+    masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, t, t))
+    height = shape[0]
+    bar = tqdm(
+        total=n,
+        desc=f"tiles {index['id'].iloc[0] if n else ''}",
+        unit="tile",
+        disable=not show_progress(progress),
+        leave=False,
+    )
+    with Slide(path) as slide:
+        for (x0, x1), rows in index.groupby(["x0", "x1"], sort=False):
+            cols = slice(max(x0, 0), min(x1, shape[1]))
+            strip = mask_strip(cols)
+            for i, row in rows.iterrows():
+                images[i] = slide.read(slice(row.y0, row.y1), slice(x0, x1), cfg.scale)
+                full = np.zeros((cfg.window, cfg.window), dtype=np.uint8)
+                top, bottom = max(row.y0, 0), min(row.y1, height)
+                full[top - row.y0 : bottom - row.y0, cols.start - x0 : cols.stop - x0] = strip[
+                    top:bottom
+                ]
+                masks[i] = downscale_mask(full, cfg.scale)
+                bar.update()
+    bar.close()
+    images.flush()
+    masks.flush()
+    del images, masks
+
+
+def downscale_mask(mask: np.ndarray, scale: int) -> np.ndarray:
+    """Majority vote over scale x scale blocks: uint8 (H, W) 0/1 -> (ceil(H/s), ceil(W/s)) 0/1.
+
+    The block mean of ``kit.slides.downscale`` (rounded to uint8) decides: more than half set
+    gives 1; an exact tie follows its rounding.
+    """
+    if scale == 1:
+        return mask
+    return (downscale(mask * np.uint8(255), scale) >= 128).astype(np.uint8)
+
+
+def build_tile_caches(
+    data_dir: str | os.PathLike,
+    ids: Sequence[str],
+    cfg: DataConfig,
+    cache_dir: str | os.PathLike,
+    *,
+    progress: bool | None = None,
+) -> list[Path]:
+    """``build_tile_cache`` for each slide id, in order."""
+    return [build_tile_cache(data_dir, i, cfg, cache_dir, progress=progress) for i in ids]
+
+
+def _manifest_key(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw tqdm bars: ``progress``, or when None, on a terminal or in Jupyter."""
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Cached tiles of one or more slides as (image, mask) float32 tensors.
+
+    Args:
+        folders: cache folders from ``build_tile_cache``.
+        transforms: an albumentations transform applied to ``image=``/``mask=`` (None: identity).
+
+    Items: image float32 (3, t, t) in [0, 1] (not normalised: the model does that), mask float32
+    (1, t, t) of 0/1. The arrays are memory-mapped lazily in each process, so DataLoader workers
+    share the page cache instead of copying the tiles.
+    """
+
+    def __init__(
+        self, folders: Sequence[str | os.PathLike], transforms: A.BasicTransform | None = None
+    ):
+        self.folders = [Path(f) for f in folders]
+        for folder in self.folders:
+            if _manifest_key(folder) is None:
+                raise FileNotFoundError(f"not a tile cache (no manifest.json): {folder}")
+        self.transforms = transforms
+        self.index = (
+            pd.concat(
+                [pd.read_csv(f / "index.csv", dtype={"id": str}) for f in self.folders],
+                ignore_index=True,
+            )
+            if self.folders
+            else pd.DataFrame(columns=["id", "y0", "x0", "y1", "x1", "kind"])
+        )
+        counts = [int(json.loads((f / "manifest.json").read_text())["count"]) for f in self.folders]
+        self._offsets = np.cumsum([0, *counts])
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"tile {i} out of range for {len(self)} tiles")
+        i %= len(self)
+        if self._arrays is None:
+            self._arrays = [
+                (np.load(f / "images.npy", mmap_mode="r"), np.load(f / "masks.npy", mmap_mode="r"))
+                for f in self.folders
+            ]
+        part = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        images, masks = self._arrays[part]
+        k = i - int(self._offsets[part])
+        image, mask = np.array(images[k]), np.array(masks[k])  # copies off the read-only map
+        if self.transforms is not None:
+            out = self.transforms(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
+        return image, torch.from_numpy(np.ascontiguousarray(mask))[None].float()
+
+    def __getstate__(self) -> dict:
+        # Workers map the files themselves instead of receiving pickled copies of the arrays.
+        return {**self.__dict__, "_arrays": None}
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a reproducible, per-worker augmentation stream.
+
+    albumentations 2.x draws from its own generators, not numpy's or torch's, so each worker's
+    transform is reseeded from torch's per-worker seed (itself derived from the run's seed).
+    """
+    info = torch.utils.data.get_worker_info()
+    transforms = getattr(info.dataset, "transforms", None) if info else None
+    if transforms is not None and hasattr(transforms, "set_random_seed"):
+        transforms.set_random_seed(torch.initial_seed() % 2**32)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def train_transforms(seed: int | None = None) -> A.Compose:
+    """Training augmentation: the dihedral group, a mild affine jitter, stain colour and blur.
+
+    Glomeruli have no preferred orientation, so flips and 90-degree turns are free; the colour
+    jitter stands in for the stain variation between slides.
+    """
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.Affine(
+                scale=(0.85, 1.15),
+                translate_percent=(-0.0625, 0.0625),
+                rotate=(-30, 30),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=0.5,
+            ),
+            A.OneOf(
+                [
+                    A.HueSaturationValue(
+                        hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10
+                    ),
+                    A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.03),
+                ],
+                p=0.5,
+            ),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.1),
+        ],
+        seed=seed,
+    )
+
+
+def eval_transforms() -> A.Compose:
+    """Validation transform: the identity (tiles are used as cached)."""
+    return A.Compose([])
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def read_patients(data_dir: str | os.PathLike) -> dict[str, str]:
+    """Slide id -> patient number from ``HuBMAP-20-dataset_information.csv``."""
+    path = Path(data_dir) / INFO_CSV
+    if not path.is_file():
+        raise FileNotFoundError(f"no {INFO_CSV} in {data_dir}")
+    table = pd.read_csv(path, dtype=str)
+    for column in ("image_file", "patient_number"):
+        if column not in table:
+            raise ValueError(f"{path}: no column {column!r}")
+    ids = table["image_file"].str.replace(r"\.tiff?$", "", regex=True)
+    return dict(zip(ids, table["patient_number"], strict=True))
+
+
+def split_slides(
+    ids: Sequence[str],
+    *,
+    valid: Sequence[str] | None = None,
+    fold: int | None = None,
+    n_folds: int = 4,
+    groups: Mapping[str, str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Split slide ids into (train, valid); a slide is always wholly on one side.
+
+    Args:
+        ids: all training slide ids.
+        valid: explicit held-out ids (takes precedence over ``fold``).
+        fold: which fold of a grouped k-fold to hold out (0-based).
+        n_folds: number of folds.
+        groups: slide id -> group (e.g. patient, from ``read_patients``); None: each slide is its
+            own group. Ids missing from ``groups`` are their own group.
+
+    Folds are balanced greedily: the largest groups are placed first, each into the fold with the
+    fewest slides so far (ties by group name), which is deterministic and never splits a group.
+    """
+    ids = list(ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate slide ids: {sorted({i for i in ids if ids.count(i) > 1})}")
+    if valid:
+        unknown = [v for v in valid if v not in ids]
+        if unknown:
+            raise ValueError(f"unknown slide ids in valid: {unknown} (known: {ids})")
+        held = set(valid)
+    elif fold is not None:
+        held = set(group_folds(ids, n_folds, groups)[_check_fold(fold, n_folds)])
+    else:
+        raise ValueError("give either valid ids or a fold number")
+    train = [i for i in ids if i not in held]
+    if not train:
+        raise ValueError(f"no training slides left after holding out {sorted(held)}")
+    return train, [i for i in ids if i in held]
+
+
+def _check_fold(fold: int, n_folds: int) -> int:
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in [0, {n_folds}), got {fold}")
+    return fold
+
+
+def group_folds(
+    ids: Sequence[str], n_folds: int, groups: Mapping[str, str] | None = None
+) -> list[list[str]]:
+    """Partition slide ids into ``n_folds`` folds without splitting a group (see split_slides)."""
+    members: dict[str, list[str]] = {}
+    for i in ids:
+        members.setdefault(str((groups or {}).get(i, f"slide:{i}")), []).append(i)
+    if not 2 <= n_folds <= len(members):
+        raise ValueError(
+            f"n_folds must be in [2, {len(members)}] (the number of groups), got {n_folds}"
+        )
+    folds: list[list[str]] = [[] for _ in range(n_folds)]
+    for _, group in sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        min(folds, key=len).extend(group)
+    return folds

@@ -1,0 +1,311 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kit import data
+from kit.data import (
+    DataConfig,
+    TileDataset,
+    build_tile_cache,
+    downscale_mask,
+    eval_transforms,
+    group_folds,
+    index_slide,
+    mask_source,
+    rasterize_columns,
+    read_patients,
+    read_polygons,
+    select_tiles,
+    slide_path,
+    split_slides,
+    train_ids,
+    train_transforms,
+)
+from kit.rle import decode
+from kit.slides import Slide
+from kit.synthetic import make_dataset
+
+# Awkward sizes: neither the slide nor the grid stride divides evenly.
+SIZE = (470, 590)
+CFG = DataConfig(window=128, scale=2, overlap=40, thumb_scale=8)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(
+        tmp_path_factory.mktemp("data") / "ds", slides=4, test_slides=1, size=SIZE, seed=1
+    )
+
+
+def full_mask(data_dir, slide_id):
+    table = pd.read_csv(data_dir / "train.csv", index_col="id")
+    return decode(table.at[slide_id, "encoding"], SIZE)
+
+
+def window_of(array, y0, x0, y1, x1):
+    """array[y0:y1, x0:x1] with zero padding outside."""
+    out = np.zeros((y1 - y0, x1 - x0) + array.shape[2:], array.dtype)
+    a, b = max(y0, 0), min(y1, array.shape[0])
+    c, d = max(x0, 0), min(x1, array.shape[1])
+    out[a - y0 : b - y0, c - x0 : d - x0] = array[a:b, c:d]
+    return out
+
+
+def test_data_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="multiple of scale"):
+        DataConfig(window=100, scale=3)
+    with pytest.raises(ValueError, match="overlap"):
+        DataConfig(window=128, scale=2, overlap=128)
+    with pytest.raises(ValueError, match="tissue_share"):
+        DataConfig(tissue_share=1.5)
+    with pytest.raises(ValueError, match="mask_source"):
+        DataConfig(mask_source="png")
+
+
+def test_downscale_mask_is_a_majority_vote():
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1], [1, 0, 0, 1, 0]], np.uint8)
+    # 2 x 2 blocks, the last column padded with 0: 3/4, 1/4, 1/4 over 3/4, 3/4, 1/4.
+    out = downscale_mask(mask, 2)
+    assert out.dtype == np.uint8
+    assert out.tolist() == [[1, 0, 0], [1, 1, 0]]
+    assert downscale_mask(mask, 1) is mask
+
+
+def test_index_labels_every_window_from_the_mask(dataset):
+    slide_id = train_ids(dataset)[0]
+    path = slide_path(dataset, slide_id)
+    strip, _ = mask_source(dataset, slide_id, SIZE)
+    index = index_slide(path, strip, CFG, slide_id)
+    mask = full_mask(dataset, slide_id)
+    assert len(index) == len(data.plan(SIZE, CFG.window, CFG.overlap, align=CFG.scale))
+    for row in index.itertuples():
+        expected = window_of(mask, row.y0, row.x0, row.y1, row.x1).sum() / CFG.window**2
+        assert row.mask_fraction == pytest.approx(expected)
+        if expected >= CFG.min_mask_fraction and expected > 0:
+            assert row.kind == "positive"
+        else:
+            assert row.kind == ("tissue" if row.tissue_fraction >= 0.05 else "background")
+    assert (index["kind"] == "positive").any() and (index["kind"] != "positive").any()
+
+
+def test_select_keeps_all_positives_and_a_seeded_share_of_negatives():
+    kinds = ["positive"] * 30 + ["tissue"] * 400 + ["background"] * 600
+    index = pd.DataFrame({"id": "s1", "y0": np.arange(len(kinds)), "kind": kinds})
+    cfg = DataConfig(tissue_share=0.5, background_share=0.1, seed=7)
+    kept = select_tiles(index, cfg)
+    counts = kept["kind"].value_counts()
+    assert counts["positive"] == 30
+    assert 160 <= counts["tissue"] <= 240  # 200 expected; binomial sd 10
+    assert 35 <= counts["background"] <= 85  # 60 expected; sd 7.3
+    assert kept.equals(select_tiles(index, cfg))  # deterministic
+    assert not kept.equals(select_tiles(index, DataConfig(tissue_share=0.5, background_share=0.1)))
+    none = select_tiles(index, DataConfig(tissue_share=0.0, background_share=0.0))
+    assert set(none["kind"]) == {"positive"} and len(none) == 30
+    assert len(select_tiles(index, DataConfig(tissue_share=1.0, background_share=1.0))) == 1030
+
+
+def test_cache_holds_the_slide_windows_and_their_masks(dataset, tmp_path):
+    slide_id = train_ids(dataset)[1]
+    folder = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
+    images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
+    masks = np.load(folder / "masks.npy", mmap_mode="r", allow_pickle=False)
+    index = pd.read_csv(folder / "index.csv", dtype={"id": str})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    n, t = len(index), CFG.tile
+    assert images.shape == (n, t, t, 3) and images.dtype == np.uint8
+    assert masks.shape == (n, t, t) and masks.dtype == np.uint8
+    assert manifest["count"] == n and folder.name == f"{slide_id}-{manifest['key'][:16]}"
+    assert sum(manifest["kinds"].values()) == n
+    assert set(index["id"]) == {slide_id}
+    mask = full_mask(dataset, slide_id)
+    with Slide(slide_path(dataset, slide_id)) as slide:
+        for i, row in enumerate(index.itertuples()):
+            rows, cols = slice(row.y0, row.y1), slice(row.x0, row.x1)
+            np.testing.assert_array_equal(images[i], slide.read(rows, cols, CFG.scale))
+            expected = downscale_mask(window_of(mask, row.y0, row.x0, row.y1, row.x1), CFG.scale)
+            np.testing.assert_array_equal(masks[i], expected)
+    assert set(np.unique(masks)) <= {0, 1}
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
+
+
+def test_cache_is_reused_and_rebuilt_when_an_input_changes(dataset, tmp_path):
+    slide_id = train_ids(dataset)[0]
+    first = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
+    stamp = (first / "images.npy").stat().st_mtime_ns
+    assert build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False) == first
+    assert (first / "images.npy").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    other = DataConfig(**{**CFG.__dict__, "background_share": 0.5})
+    assert build_tile_cache(dataset, slide_id, other, tmp_path, progress=False) != first
+    assert len(list(tmp_path.iterdir())) == 2  # other parameters: both kept
+
+    # A slide file touched (same bytes, new mtime) counts as a new input.
+    path = slide_path(dataset, slide_id)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        touched = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert touched != first
+    # Every cache of the old file version is gone, whatever its parameters.
+    assert [p.name for p in tmp_path.iterdir()] == [touched.name]
+    rebuilt = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
+    assert rebuilt == first and [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_cache_key_follows_the_annotation(dataset, tmp_path):
+    copy = tmp_path / "copy"
+    (copy / "train").mkdir(parents=True)
+    slide_id = train_ids(dataset)[0]
+    os.link(slide_path(dataset, slide_id), copy / "train" / f"{slide_id}.tiff")
+    table = pd.read_csv(dataset / "train.csv", dtype=str)
+    table.to_csv(copy / "train.csv", index=False)
+    first = build_tile_cache(copy, slide_id, CFG, tmp_path / "cache", progress=False)
+    table.loc[table["id"] == slide_id, "encoding"] = "1 5"
+    table.to_csv(copy / "train.csv", index=False)
+    second = build_tile_cache(copy, slide_id, CFG, tmp_path / "cache", progress=False)
+    assert second != first
+    assert np.load(second / "masks.npy").sum() < np.load(first / "masks.npy").sum()
+
+
+def test_failed_build_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
+    slide_id = train_ids(dataset)[0]
+    calls = []
+
+    def failing_read(self, rows, cols, scale=1):
+        calls.append(1)
+        if len(calls) > 2:
+            raise ValueError("disk on fire")
+        return original(self, rows, cols, scale)
+
+    original = Slide.read
+    monkeypatch.setattr(Slide, "read", failing_read)
+    with pytest.raises(ValueError, match="disk on fire"):
+        build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(Slide, "read", original)
+    # A build killed outright (SIGKILL) cannot clean up: the next build of the slide does.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = tmp_path / f".{slide_id}-{dead.stdout.strip()}-x1y2"
+    (orphan / "images.npy").parent.mkdir()
+    (orphan / "images.npy").write_bytes(b"partial")
+    folder = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+def test_json_polygons_give_the_rle_masks(dataset, tmp_path):
+    slide_id = train_ids(dataset)[0]
+    rle = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
+    cfg = DataConfig(**{**CFG.__dict__, "mask_source": "json"})
+    poly = build_tile_cache(dataset, slide_id, cfg, tmp_path, progress=False)
+    a, b = np.load(rle / "masks.npy"), np.load(poly / "masks.npy")
+    assert a.shape == b.shape and a.sum() > 0
+    assert (a != b).mean() < 0.01
+
+
+def test_read_polygons_and_rasterize_columns(tmp_path):
+    square = [[[10, 5], [20, 5], [20, 15], [10, 15], [10, 5]]]
+    doc = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square}},
+        {
+            "type": "Feature",
+            "geometry": {"type": "MultiPolygon", "coordinates": [[[[30, 2], [34, 2], [32, 6]]]]},
+        },
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}},
+    ]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    polygons = read_polygons(path)
+    assert len(polygons) == 2 and polygons[0].shape == (5, 2)
+    shape = (23, 41)
+    whole = rasterize_columns(polygons, shape, slice(0, 41))
+    assert whole[5:16, 10:21].all() and whole[:, :10].sum() == 0
+    assert whole[2, 31:34].all()
+    for cols in (slice(0, 12), slice(12, 31), slice(31, 41)):
+        np.testing.assert_array_equal(rasterize_columns(polygons, shape, cols), whole[:, cols])
+    path.write_text('{"features": [{"geometry": 3}]}')
+    with pytest.raises(ValueError, match="s.json"):
+        read_polygons(path)
+
+
+def test_dataset_items_are_float_tensors(dataset, tmp_path):
+    folders = data.build_tile_caches(dataset, train_ids(dataset), CFG, tmp_path, progress=False)
+    plain = TileDataset(folders, eval_transforms())
+    assert len(plain) == len(plain.index) > 0
+    image, mask = plain[len(plain) - 1]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert mask.shape == (1, 64, 64) and mask.dtype == torch.float32
+    last = np.load(folders[-1] / "images.npy")[-1]
+    np.testing.assert_allclose(image.numpy(), last.transpose(2, 0, 1) / 255, atol=1e-7)
+    assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+    with pytest.raises(IndexError):
+        plain[len(plain)]
+
+    augmented = TileDataset(folders, train_transforms(seed=0))
+    for i in range(len(augmented)):
+        image, mask = augmented[i]
+        assert 0 <= image.min() and image.max() <= 1
+        assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+    # Pickled for worker processes without the memory-mapped arrays.
+    assert len(pickle.dumps(plain)) < 100_000
+    loader = torch.utils.data.DataLoader(augmented, batch_size=4, num_workers=2)
+    assert sum(len(x) for x, _ in loader) == len(augmented)
+
+
+def test_dataset_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a tile cache"):
+        TileDataset([tmp_path])
+
+
+def test_splits_never_share_a_slide_or_a_patient():
+    ids = [f"s{i}" for i in range(9)]
+    patients = {"s0": "a", "s1": "a", "s2": "a", "s3": "b", "s4": "b", "s5": "c", "s6": "d"}
+    folds = group_folds(ids, 3, patients)
+    assert sorted(sum(folds, [])) == sorted(ids)  # a partition
+    assert sorted(len(f) for f in folds) == [3, 3, 3]  # balanced: {a}, {b, c}, {d, s7, s8}
+    for k in range(3):
+        train, valid = split_slides(ids, fold=k, n_folds=3, groups=patients)
+        assert not set(train) & set(valid) and sorted(train + valid) == sorted(ids)
+        train_patients = {patients.get(i, i) for i in train}
+        assert not train_patients & {patients.get(i, i) for i in valid}
+    # By slide: each fold holds whole slides, every slide held out exactly once.
+    held = [split_slides(ids, fold=k, n_folds=3)[1] for k in range(3)]
+    assert sorted(sum(held, [])) == sorted(ids)
+
+
+def test_explicit_split_and_its_errors():
+    ids = ["aa", "bb", "cc"]
+    assert split_slides(ids, valid=["cc", "aa"]) == (["bb"], ["aa", "cc"])
+    with pytest.raises(ValueError, match="'zz'"):
+        split_slides(ids, valid=["aa", "zz"])
+    with pytest.raises(ValueError, match="no training slides"):
+        split_slides(ids, valid=ids)
+    with pytest.raises(ValueError, match="fold"):
+        split_slides(ids, fold=3, n_folds=3)
+    with pytest.raises(ValueError, match="n_folds"):
+        split_slides(ids, fold=0, n_folds=4)
+    with pytest.raises(ValueError, match="valid ids or a fold"):
+        split_slides(ids)
+
+
+def test_read_patients(dataset, tmp_path):
+    patients = read_patients(dataset)
+    assert set(train_ids(dataset)) <= set(patients)
+    (tmp_path / data.INFO_CSV).write_text("image_file,age\nx.tiff,3\n")
+    with pytest.raises(ValueError, match="patient_number"):
+        read_patients(tmp_path)
+    with pytest.raises(FileNotFoundError, match="HuBMAP-20"):
+        read_patients(tmp_path / "missing")
