@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kit.rle import decode_columns
+from kit.rle import decode_columns, parse
 from kit.slides import Slide, downscale
 from kit.tiling import plan, tissue_fraction, tissue_mask
 
@@ -123,7 +123,8 @@ def mask_source(
             raise ValueError(f"slide {slide_id!r} has no row in {data_dir / 'train.csv'}")
         rle = table.at[slide_id, "encoding"]
         rle = "" if pd.isna(rle) else str(rle)
-        return (lambda cols: decode_columns(rle, shape, cols)), _digest(rle.encode())
+        runs = parse(rle, shape)  # once per slide: each strip then only paints its runs
+        return (lambda cols: decode_columns(runs, shape, cols)), _digest(rle.encode())
     if source == "json":
         path = data_dir / "train" / f"{slide_id}.json"
         if not path.is_file():
