@@ -135,12 +135,12 @@ def _sweep_slide(
     with Slide(path) as slide:
         shape = slide.shape
     try:
-        parse(rle, shape)  # fail before predicting, naming the slide
+        runs = parse(rle, shape)  # once, and before predicting, so an error names the slide
     except ValueError as e:
         raise ValueError(f"train.csv encoding of {path.stem} (shape {shape}): {e}") from e
     sweep = ThresholdSweep(sorted({*thresholds, float(cfg.threshold)}))
     for cols, probs in iter_probability_strips(path, predictor, cfg):
-        sweep.update(probs, decode_columns(rle, shape, cols))
+        sweep.update(probs, decode_columns(runs, shape, cols))
     return sweep
 
 
