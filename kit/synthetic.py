@@ -339,16 +339,27 @@ def _lobules(shape, tuft, centre, radius, rng, base, spread):
     return t
 
 
-def _draw_glomerulus(canvas, centre, offsets, rng):
-    """A glomerulus: capsule line, pale Bowman's space and a lobulated purple tuft."""
+def _stamp(canvas, centre, offsets):
+    """The canvas patch around one round structure, ready to draw into.
+
+    Returns ``radius, sl, origin, local, pas, haem, outer``: the structure's extent, the patch's
+    slices and origin, the centre in patch coordinates, copies of the two stain planes of the
+    patch, and the structure's filled outline (bool).
+    """
     radius = _extent(offsets)
     sl, origin = canvas.patch(centre, radius)
     local = np.asarray(centre, float) - origin
     pas, haem = canvas.pas[sl].copy(), canvas.haem[sl].copy()
+    outer = _fill(pas.shape, _ring(local, offsets))
+    return radius, sl, origin, local, pas, haem, outer
+
+
+def _draw_glomerulus(canvas, centre, offsets, rng):
+    """A glomerulus: capsule line, pale Bowman's space and a lobulated purple tuft."""
+    radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
     capsule = rng.uniform(1.5, 3.0)
     space = rng.uniform(4.0, 11.0)
-    outer = _fill(shape, _ring(local, offsets))
     inside = _fill(shape, _ring(local, _shrink(offsets, capsule)))
     shift = rng.normal(0, 0.3 * space, 2).clip(-0.6 * space, 0.6 * space)
     tuft_ring = _ring(local + shift, _shrink(offsets, capsule + space))
@@ -374,12 +385,8 @@ def _draw_glomerulus(canvas, centre, offsets, rng):
 
 def _draw_vessel(canvas, centre, offsets, rng):
     """An arteriole cut across: a thick layered pink wall around a pale lumen (no tuft)."""
-    radius = _extent(offsets)
-    sl, origin = canvas.patch(centre, radius)
-    local = np.asarray(centre, float) - origin
-    pas, haem = canvas.pas[sl].copy(), canvas.haem[sl].copy()
+    radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
-    outer = _fill(shape, _ring(local, offsets))
     wall = rng.uniform(0.3, 0.5) * radius
     lumen_ring = _ring(local + rng.normal(0, 0.08 * wall, 2), _shrink(offsets, wall))
     lumen = _fill(shape, lumen_ring) & outer
@@ -403,12 +410,8 @@ def _draw_vessel(canvas, centre, offsets, rng):
 
 def _draw_tubule_cluster(canvas, centre, offsets, rng):
     """A round nest of small tubules inside a thin outline: round and pink, but no tuft."""
-    radius = _extent(offsets)
-    sl, origin = canvas.patch(centre, radius)
-    local = np.asarray(centre, float) - origin
-    pas, haem = canvas.pas[sl].copy(), canvas.haem[sl].copy()
+    radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
-    outer = _fill(shape, _ring(local, offsets))
     t = np.full(shape, 0.38, np.float32)
     step = rng.uniform(16, 24)
     for gy in np.arange(0, shape[0], step):
@@ -428,12 +431,8 @@ def _draw_tubule_cluster(canvas, centre, offsets, rng):
 
 def _draw_dark_blob(canvas, centre, offsets, rng):
     """A cell-rich purple blob (infiltrate) like a tuft but with no Bowman's space or capsule."""
-    radius = _extent(offsets)
-    sl, origin = canvas.patch(centre, radius)
-    local = np.asarray(centre, float) - origin
-    pas, haem = canvas.pas[sl].copy(), canvas.haem[sl].copy()
+    radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
-    outer = _fill(shape, _ring(local, offsets))
     t = _lobules(shape, outer, local, radius, rng, 0.5, 0.12)
     pas[outer] = t[outer]
     haem[outer] = rng.uniform(0.35, 0.55)
