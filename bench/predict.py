@@ -15,12 +15,16 @@ a tiled, zlib-compressed RGB TIFF and cached under the temp dir. Three measureme
     at a time: rasterio read, PIL resize
     down, the model on a batch of one, sigmoid, cv2 resize back, threshold into a full-size uint8
     mask, then the classic numba RLE of ``mask.T`` flattened; against ``predict_slide_rle`` (plan
-    aligned to the scale, tissue skipping, batches, reads in a background thread, cores merged
-    strip by strip into a streaming RLE). Both timed end to end, side by side in one run.
+    aligned to the scale, the slide decoded once column strip by column strip in a background
+    thread, tissue skipping, batches, cores merged strip by strip into a streaming RLE). Both
+    timed end to end, side by side in one run.
 (b) the same with a trivial pointwise predictor: each pipeline's own cost.
 (c) peak RSS of ``predict_slide_rle`` (trivial predictor) on big slides, each in a fresh
     subprocess: peak (VmHWM, reset through /proc/self/clear_refs) minus the RSS before the call,
-    and the extra bytes per pixel between two sizes: what grows with the slide's area. Run with
+    and the extra bytes per pixel between two sizes: what grows with the slide's area. Bounded
+    buffers a small slide never fills count in it too: the read-ahead queue (``prefetch``
+    batches) fills only when the slide has more tissue tiles than that and reading outruns the
+    predictor. Run with
     GDAL_CACHEMAX unset (kit.slides caps GDAL's block cache itself) and set from outside.
 """
 

@@ -6,14 +6,18 @@
         ...
 
 Plan: `kit.tiling.plan` lays windows of ``window`` px overlapping by at least ``overlap`` px,
-starts aligned to ``scale``, ordered column strip by column strip. Tiles whose core shows no
-tissue (judged on a thumbnail) are predicted 0 and never read. Predict: a reader thread with its
-own `Slide` fills a bounded queue with batches of windows downscaled by ``scale`` while the
-predictor runs: any callable taking float (N, 3, h, w) RGB in [0, 1] and returning logits
-(N, 1, h, w), e.g. a model from `kit.model`. Merge: each window's probabilities are upsampled
-back to full resolution and only its core is kept. Cores partition the slide, so every pixel
-comes from exactly one window and nothing is accumulated; a column strip (the cores of one column
-of windows) is handed on as soon as its windows are done. Memory is O(H x strip width).
+starts aligned to ``scale``, ordered column strip by column strip. Read: a reader thread with
+its own `Slide` decodes the slide once, column strip by column strip: each strip's band of
+windows is read at full resolution and downscaled by ``scale`` once (window starts are multiples
+of ``scale``, so every window is a slice of the downscaled band), and the columns a strip shares
+with the previous one are kept instead of decoded again. Tiles whose core shows no tissue (judged
+on the tile's own downscaled pixels) give 0 and are never predicted. Predict: the reader
+fills a bounded queue with batches of windows while the predictor runs: any callable taking
+float (N, 3, h, w) RGB in [0, 1] and returning logits (N, 1, h, w), e.g. a model from
+`kit.model`. Merge: each window's probabilities are upsampled back to full resolution and only
+its core is kept. Cores partition the slide, so every pixel comes from exactly one window and
+nothing is accumulated; a column strip (the cores of one column of windows) is handed on as soon
+as its windows are done. Memory is O(H x strip width).
 
 Exactness (pinned in tests/test_infer.py): for a pointwise predictor, `predict_slide` equals,
 pixel for pixel, the whole-image computation: downscale the padded slide, predict, sigmoid,
@@ -47,7 +51,7 @@ from torch import nn
 
 from kit.rle import RleEncoder
 from kit.slides import Slide
-from kit.tiling import Tile, plan, tissue_fraction, tissue_mask
+from kit.tiling import Tile, plan, tissue_mask
 
 __all__ = [
     "InferConfig",
@@ -75,11 +79,19 @@ _SHORTCUT_MARGIN = 1e-5
 # Low-resolution rows per band when merging a mask: bands are checked against that margin one
 # by one (smaller bands skip more upsampling, at a little Python overhead each).
 _MERGE_BAND_ROWS = 16
+# Full-resolution pixels per read of a column strip's band (6 MB of RGB): requests of many
+# blocks are what GDAL decodes in parallel; a bound, so memory stays O(H x strip width) small.
+_READ_CHUNK_PIXELS = 2 * 2**20
 
 
 @dataclass
 class InferConfig:
-    """How a slide is tiled, predicted and merged (one config for predict, submit, evaluate)."""
+    """How a slide is tiled, predicted and merged (one config for predict, submit, evaluate).
+
+    Tissue detection (``tissue``) judges each tile on its own core as the predictor would see
+    it, downscaled by ``scale`` (`kit.tiling.tissue_mask` on those pixels), not on a separate
+    thumbnail: the slide is decoded only once.
+    """
 
     window: int = 1024  # side of the full-resolution window read from the slide (px)
     overlap: int = 256  # least overlap between neighbouring windows (px); cores meet mid-overlap
@@ -89,14 +101,15 @@ class InferConfig:
     upsample: str = "bilinear"  # back to full resolution: "bilinear" (align_corners=False) or
     # "nearest" (each low-resolution pixel becomes a scale x scale block)
     batch_size: int = 8  # windows per predictor call (per flip with tta)
-    tissue: bool = True  # skip tiles whose core shows no tissue: 0, never read nor predicted
-    tissue_saturation: int = 40  # HSV saturation (0..255) above which a thumbnail pixel is tissue
+    tissue: bool = True  # skip tiles whose core shows no tissue: 0, never predicted (judged on
+    # the core's pixels downscaled by scale, as read for the predictor; no thumbnail pass)
+    tissue_saturation: int = 40  # HSV saturation (0..255) above which a pixel is tissue
     min_tissue: float = 0.001  # tiles whose core's tissue fraction is <= this are skipped
-    tissue_scale: int | None = None  # thumbnail downscale for tissue detection; None: window // 16
     device: str | torch.device | None = None  # None: where the predictor's parameters are, or CPU
     amp: bool | None = None  # CUDA autocast, bf16 where supported else fp16; None: on for CUDA
     # (never used on other devices)
-    workers: int = 1  # reader threads, each with its own Slide; 0 reads in the calling thread
+    workers: int = 1  # 0 reads in the calling thread, otherwise one reader thread with its own
+    # Slide (strips are decoded in order, each column once; GDAL decodes with GDAL_THREADS)
     prefetch: int = 4  # batches read ahead of the predictor (bounds the queue's memory)
 
     def __post_init__(self) -> None:
@@ -114,13 +127,6 @@ class InferConfig:
             raise ValueError(f"min_tissue must be in [0, 1), got {self.min_tissue!r}")
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
-        if self.tissue_scale is not None:
-            _check_int(self, "tissue_scale", low=1)
-
-    @property
-    def thumb_scale(self) -> int:
-        """The thumbnail downscale used for tissue detection (about 16 x 16 pixels per window)."""
-        return self.tissue_scale or max(1, self.window // 16)
 
 
 def _check_int(cfg: InferConfig, name: str, low: int) -> None:
@@ -204,8 +210,8 @@ def iter_probability_strips(
     """Yield the slide's probabilities column strip by column strip, left to right.
 
     Each strip is the union of the cores of one column of windows; the strips partition the
-    slide's columns. Tiles whose core shows no tissue (``cfg.tissue``) give zeros and are never
-    read nor predicted.
+    slide's columns. Tiles whose core shows no tissue (``cfg.tissue``, judged on the core
+    downscaled by ``cfg.scale``) give zeros and are never predicted.
 
     Yields:
         (cols, probs): ``cols`` a slice of the slide's columns, ``probs`` float32 (H, width of
@@ -300,51 +306,37 @@ def _iter_strips(
     """Column strips of probabilities (float32) or, with ``binary``, of the mask (uint8)."""
     with Slide(path) as slide:
         shape = slide.shape
-        tiles = plan(shape, cfg.window, cfg.overlap, align=cfg.scale)
-        keep = _tissue_tiles(slide, tiles, cfg)
+    columns = list(_columns(plan(shape, cfg.window, cfg.overlap, align=cfg.scale)))
     device = _resolve_device(predictor, cfg.device)
-    todo = [t for t, k in zip(tiles, keep, strict=True) if k]
-    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    reader = _read_batches(path, batches, cfg.scale, cfg.workers, cfg.prefetch)
+    reader = _read_batches(path, columns, cfg)
+    # (tile, probabilities) of the predicted tiles, in plan order: the reader leaves out those
+    # without tissue, so a tile that is not the next predicted one was skipped.
     results = _predict_batches(reader, predictor, device, cfg)
     dtype = np.uint8 if binary else np.float32
     try:
-        for column in _columns(tiles, keep):
-            cols = column[0][0].core[1]
+        pending = next(results, None)
+        for column in columns:
+            cols = column[0].core[1]
             # Fortran order: each column of the strip is contiguous, as column-major RLE reads it.
             strip = np.zeros((shape[0], cols.stop - cols.start), dtype, order="F")
-            for tile, predicted in column:
-                if predicted:
-                    _merge(strip, next(results), tile, shape, cfg, binary)
+            for tile in column:
+                if pending is not None and pending[0] == tile:
+                    _merge(strip, pending[1], tile, shape, cfg, binary)
+                    pending = next(results, None)
             yield cols, strip
     finally:
         results.close()
         reader.close()
 
 
-def _tissue_tiles(slide: Slide, tiles: Sequence[Tile], cfg: InferConfig) -> list[bool]:
-    """Per tile: whether it is predicted (its core shows tissue, or tissue detection is off).
-
-    A tile supplies only its core, so tissue in the rest of its window (context) does not
-    count: that tissue lies in a neighbour's core, and the neighbour predicts it.
-    """
-    if not cfg.tissue:
-        return [True] * len(tiles)
-    thumb = slide.thumbnail(cfg.thumb_scale)
-    mask = tissue_mask(thumb, saturation=cfg.tissue_saturation)
-    cores = [dataclasses.replace(t, y0=t.cy0, x0=t.cx0, y1=t.cy1, x1=t.cx1) for t in tiles]
-    fraction = tissue_fraction(cores, mask, cfg.thumb_scale)
-    return [bool(f > cfg.min_tissue) for f in fraction]
-
-
-def _columns(tiles: Sequence[Tile], keep: Sequence[bool]) -> Iterator[list[tuple[Tile, bool]]]:
+def _columns(tiles: Sequence[Tile]) -> Iterator[list[Tile]]:
     """Group the plan's tiles (ordered column by column) into columns sharing one core span."""
-    column: list[tuple[Tile, bool]] = []
-    for tile, k in zip(tiles, keep, strict=True):
-        if column and (tile.cx0, tile.cx1) != (column[0][0].cx0, column[0][0].cx1):
+    column: list[Tile] = []
+    for tile in tiles:
+        if column and (tile.cx0, tile.cx1) != (column[0].cx0, column[0].cx1):
             yield column
             column = []
-        column.append((tile, k))
+        column.append(tile)
     if column:
         yield column
 
@@ -410,18 +402,21 @@ def _source_span(core0: int, core1: int, valid: int, scale: int) -> tuple[int, i
 
 
 def _predict_batches(
-    batches: Iterator[np.ndarray], predictor: Predictor, device: torch.device, cfg: InferConfig
-) -> Iterator[np.ndarray]:
-    """Per window, in order: float32 (h, w) probabilities (numpy).
+    batches: Iterator[tuple[list[Tile], np.ndarray]],
+    predictor: Predictor,
+    device: torch.device,
+    cfg: InferConfig,
+) -> Iterator[tuple[Tile, np.ndarray]]:
+    """Per window, in order: (tile, float32 (h, w) probabilities (numpy)).
 
     Args:
-        batches: float32 (n, 3, h, w) arrays of windows, RGB in [0, 1].
+        batches: (tiles, float32 (n, 3, h, w) arrays of their windows, RGB in [0, 1]).
     """
     use_amp = device.type == "cuda" and cfg.amp is not False
     with _eval_mode(predictor):
-        for batch in batches:
+        for tiles, batch in batches:
             x = torch.from_numpy(batch).to(device, non_blocking=True)
-            yield from _probabilities(predictor, x, cfg.tta, use_amp)
+            yield from zip(tiles, _probabilities(predictor, x, cfg.tta, use_amp), strict=True)
 
 
 def _probabilities(predictor: Predictor, x: torch.Tensor, tta: bool, amp: bool) -> np.ndarray:
@@ -520,73 +515,148 @@ class _Failure:
         self.error = error
 
 
-def _read_batch(slide: Slide, tiles: Sequence[Tile], scale: int) -> np.ndarray:
-    """float32 (n, 3, h, w) RGB in [0, 1]: the tiles' windows downscaled by ``scale``.
-
-    The conversion happens here, in the reader thread, off the predictor's thread.
-    """
-    # Planes (3, h, w), as GDAL decodes them and the predictor takes them: `Slide.read`'s
-    # (h, w, 3) would cost two transposing copies per window.
-    first = slide._read_planes(*tiles[0].window, scale=scale)
-    batch = np.empty((len(tiles), *first.shape), np.float32)
-    for k, tile in enumerate(tiles):
-        window = first if k == 0 else slide._read_planes(*tile.window, scale=scale)
-        np.divide(window, np.float32(255), out=batch[k])
-    return batch
-
-
 def _read_batches(
-    path: Path, batches: Sequence[Sequence[Tile]], scale: int, workers: int, prefetch: int
-) -> Iterator[np.ndarray]:
-    """Yield the batches' windows in order, read ahead by ``workers`` threads.
+    path: Path, columns: Sequence[Sequence[Tile]], cfg: InferConfig
+) -> Iterator[tuple[list[Tile], np.ndarray]]:
+    """Yield (tiles, float32 (n, 3, h, w) windows in [0, 1]) of the tiles to predict, in order.
 
-    Worker k reads batches k, k + workers, ... into its own bounded queue (so at most about
-    ``prefetch`` batches wait in memory) and the consumer takes them round robin. Each worker
-    opens its own Slide: rasterio datasets must not be shared between threads. Closing this
-    generator stops the workers.
+    With ``cfg.workers`` >= 1 one thread reads ahead into a bounded queue (``cfg.prefetch``
+    batches): it opens its own Slide, as rasterio datasets must not be shared between threads.
+    Closing this generator stops it.
     """
-    if not batches:
-        return
-    if workers == 0:
+    if cfg.workers == 0:
         with Slide(path) as slide:
-            for tiles in batches:
-                yield _read_batch(slide, tiles, scale)
+            yield from _batches(slide, columns, cfg)
         return
-    workers = min(workers, len(batches))
     stop = threading.Event()
-    queues = [queue.Queue(maxsize=max(1, math.ceil(prefetch / workers))) for _ in range(workers)]
+    items: queue.Queue = queue.Queue(maxsize=cfg.prefetch)
+    done = object()
 
-    def put(q: queue.Queue, item) -> bool:
+    def put(item) -> bool:
         while not stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                items.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 pass
         return False
 
-    def work(k: int) -> None:
+    def work() -> None:
         try:
             with Slide(path) as slide:
-                for b in range(k, len(batches), workers):
-                    if not put(queues[k], _read_batch(slide, batches[b], scale)):
+                for batch in _batches(slide, columns, cfg):
+                    if not put(batch):
                         return
+            put(done)
         except BaseException as e:  # handed to the consumer, which re-raises it
-            put(queues[k], _Failure(e))
+            put(_Failure(e))
 
-    threads = [
-        threading.Thread(target=work, args=(k,), name=f"kit-read-{k}", daemon=True)
-        for k in range(workers)
-    ]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=work, name="kit-read-0", daemon=True)
+    thread.start()
     try:
-        for b in range(len(batches)):
-            item = queues[b % workers].get()
+        while (item := items.get()) is not done:
             if isinstance(item, _Failure):
                 raise item.error
             yield item
     finally:
         stop.set()
-        for t in threads:
-            t.join()
+        thread.join()
+
+
+def _batches(
+    slide: Slide, columns: Sequence[Sequence[Tile]], cfg: InferConfig
+) -> Iterator[tuple[list[Tile], np.ndarray]]:
+    """Batches of up to ``cfg.batch_size`` tiles to predict and their windows, in plan order.
+
+    Each window is converted to float as soon as it is read (here, in the reader thread, off
+    the predictor's): `_windows` reuses its buffer for the next column of windows.
+    """
+    tiles: list[Tile] = []
+    batch = None
+    for tile, window in _windows(slide, columns, cfg):
+        if batch is None:
+            batch = np.empty((cfg.batch_size, *window.shape), np.float32)
+        np.divide(window, np.float32(255), out=batch[len(tiles)])
+        tiles.append(tile)
+        if len(tiles) == cfg.batch_size:
+            yield tiles, batch
+            tiles, batch = [], None
+    if tiles:
+        yield tiles, batch[: len(tiles)]
+
+
+def _windows(
+    slide: Slide, columns: Sequence[Sequence[Tile]], cfg: InferConfig
+) -> Iterator[tuple[Tile, np.ndarray]]:
+    """(tile, uint8 (3, h, w) window downscaled by ``cfg.scale``) per tile to predict, in order.
+
+    The slide is read once, left to right, into one buffer of downscaled columns (the band):
+    window starts are multiples of the scale, so a window's block means are a slice of the
+    band's. The columns the next column of windows shares with this one (the overlap) are kept
+    (shifted left), and reads end on the file's block edges where the scale allows (the band
+    then runs a little ahead), so no block is decoded twice and GDAL's block cache is not relied
+    on. A window is a view of the buffer: valid until the next one is asked for.
+    """
+    s = cfg.scale
+    height, width = slide.shape
+    block_h, block_w = slide.block_shape
+    unit_x, unit_y = _read_unit(block_w, width, s), _read_unit(block_h, height, s)
+    band = None  # uint8 (3, rows / s, capacity): downscaled slide columns [band_x0, band_x1)
+    band_x0 = band_x1 = 0
+    for column in columns:
+        x0, x1, rows = column[0].x0, column[0].x1, column[-1].y1
+        if band is None:
+            band = np.empty((3, rows // s, (x1 - x0 + unit_x) // s), np.uint8)
+        if x0 > band_x0:  # drop the columns left of this column of windows
+            lo, hi = (x0 - band_x0) // s, (band_x1 - band_x0) // s
+            if hi > lo:
+                band[:, :, : hi - lo] = band[:, :, lo:hi]
+            band_x0, band_x1 = x0, max(band_x1, x0)
+        if x1 > band_x1:
+            stop = max(x1, min(-(-x1 // unit_x) * unit_x, -(-width // s) * s))
+            out = band[:, :, (band_x1 - x0) // s : (stop - x0) // s]
+            _read_band(slide, band_x1, stop, s, unit_y, out)
+            band_x1 = stop
+        low = band[:, :, : (x1 - x0) // s]
+        keep = _tissue(low, column, cfg) if cfg.tissue else [True] * len(column)
+        for tile, k in zip(column, keep, strict=True):
+            if k:
+                yield tile, low[:, tile.y0 // s : tile.y1 // s]
+
+
+def _read_unit(block: int, n: int, scale: int) -> int:
+    """What reads along an axis are aligned to: a multiple of the scale, and of the file's
+    block side where that stays small, else the scale alone (e.g. strips spanning the axis)."""
+    unit = math.lcm(block, scale)
+    return unit if block < n and unit <= 4096 else scale
+
+
+def _read_band(slide: Slide, x0: int, x1: int, scale: int, unit: int, out: np.ndarray) -> None:
+    """Read slide cols [x0, x1), rows [0, out.shape[1] * scale) (``fill`` past the slide),
+    downscaled into ``out`` (uint8 (3, rows / scale, (x1 - x0) / scale)), a bounded number of
+    pixels (rows a multiple of ``unit``) at a time."""
+    rows = out.shape[1] * scale
+    step = unit * max(1, _READ_CHUNK_PIXELS // ((x1 - x0) * unit))
+    for y in range(0, rows, step):
+        part = slide._read_planes(slice(y, min(y + step, rows)), slice(x0, x1), scale)
+        out[:, y // scale : y // scale + part.shape[1]] = part
+
+
+def _tissue(band: np.ndarray, column: Sequence[Tile], cfg: InferConfig) -> list[bool]:
+    """Per tile of a column: whether its core shows tissue, judged on the downscaled band.
+
+    A tile supplies only its core, so tissue in the rest of its window (context) does not
+    count: that tissue lies in a neighbour's core, and the neighbour predicts it. Each core is
+    tested on its own (a few hundred pixels a side), so the temporaries stay small.
+
+    Args:
+        band: uint8 (3, h, w) the column's windows downscaled by ``cfg.scale``.
+    """
+    s, x0 = cfg.scale, column[0].x0
+    c0, c1 = (column[0].cx0 - x0) // s, -(-(column[0].cx1 - x0) // s)
+    keep = []
+    for t in column:
+        core = band[:, t.cy0 // s : -(-t.cy1 // s), c0:c1].transpose(1, 2, 0)
+        mask = tissue_mask(core, saturation=cfg.tissue_saturation)
+        keep.append(bool(mask.mean() > cfg.min_tissue))
+    return keep

@@ -201,6 +201,16 @@ class Slide:
             p.close()
         return []
 
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the file's blocks: its tiles, or its strips (as wide as the slide).
+
+        GDAL decodes whole blocks: reads whose edges fall on block edges decode each block once.
+        """
+        self._check_open()
+        rows, cols = self._datasets[0].block_shapes[0]
+        return int(rows), int(cols)
+
     def read(self, rows: slice, cols: slice, scale: int = 1) -> np.ndarray:
         """Read a rectangle of the slide, padded with ``fill`` outside it, then downscale it.
 

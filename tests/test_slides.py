@@ -130,6 +130,18 @@ def test_layouts_read_whole_slide(tmp_path, write_tiff, rgb, layout, tile):
         np.testing.assert_array_equal(slide.read(slice(None), slice(None)), expected)
 
 
+@pytest.mark.parametrize("layout", ["rgb", "planes"])
+@pytest.mark.parametrize(
+    ("tile", "expected"), [((32, 48), (32, 48)), (None, (16, W))], ids=["tiled", "striped"]
+)
+def test_block_shape_is_the_files_tile_or_strip(tmp_path, write_tiff, rgb, layout, tile, expected):
+    path, _ = write_layout(write_tiff, tmp_path / "s.tiff", rgb, layout, tile=tile)
+    with Slide(path) as slide:
+        assert slide.block_shape == expected
+    with pytest.raises(ValueError, match="closed"):
+        _ = slide.block_shape
+
+
 def test_planes_file_is_what_rasterio_sees_in_the_competition(tmp_path, write_tiff, rgb):
     path = write_tiff(tmp_path / "p.tiff", rgb, "planes")
     with warnings.catch_warnings():
