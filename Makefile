@@ -22,7 +22,7 @@ demo: $(VENV)/.kit
 
 test: $(VENV)/.dev lint
 	$(PY) -m pytest tests/
-	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks/
+	MPLBACKEND=Agg $(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks/
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check kit tests bench scripts notebooks/*.py
