@@ -19,44 +19,13 @@ def test_help_lists_every_subcommand():
 
 def test_synth_writes_the_competition_layout(tmp_path, capsys):
     out = tmp_path / "data"
-    assert (
-        main(
-            [
-                "synth",
-                "--out",
-                str(out),
-                "--slides",
-                "3",
-                "--test-slides",
-                "1",
-                "--size",
-                "300",
-                "400",
-            ]
-        )
-        == 0
-    )
+    argv = "synth --slides 3 --test-slides 1 --size 300 400 --out".split() + [str(out)]
+    assert main(argv) == 0
     assert len(pd.read_csv(out / "train.csv")) == 2
     assert len(pd.read_csv(out / "sample_submission.csv")) == 1
     assert str(out) in capsys.readouterr().out
     # A second run refuses to overwrite, with one clear line and status 2.
-    assert (
-        main(
-            [
-                "synth",
-                "--out",
-                str(out),
-                "--slides",
-                "3",
-                "--test-slides",
-                "1",
-                "--size",
-                "300",
-                "400",
-            ]
-        )
-        == 2
-    )
+    assert main(argv) == 2
     assert "overwrite" in capsys.readouterr().err
 
 
