@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 # The argument definitions live next to what they configure; the work is imported per command.
-from kit import kaggle
+from kit import kaggle, wheels
 from kit.train import add_train_arguments
 
 
@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         attr = name.replace("-", "_")
-        getattr(kaggle, f"add_{attr}_arguments")(p)
-        p.set_defaults(run=getattr(kaggle, f"run_{attr}"))
+        module = wheels if name == "wheels" else kaggle
+        getattr(module, f"add_{attr}_arguments")(p)
+        p.set_defaults(run=getattr(module, f"run_{attr}"))
     return parser
 
 

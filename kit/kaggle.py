@@ -1,4 +1,6 @@
-"""Getting the kit onto Kaggle: the offline wheelhouse, the model dataset and the metadata files.
+"""Getting the kit onto Kaggle: the model dataset, the metadata files and the user's name.
+
+The offline wheelhouse is ``kit.wheels``.
 
 A competition notebook runs without internet and only its code file is pushed, so the kit, the
 packages the Kaggle image lacks and the trained weights reach it as attached Kaggle Datasets
@@ -26,18 +28,14 @@ internet on), booleans written as strings, a title that does not slug to the id.
 from __future__ import annotations
 
 import argparse
-import email
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from kit.env import COMPETITION
 
@@ -52,47 +50,6 @@ WHEELS_SLUG = "hubmap-kit-wheels"
 WHEELS_TITLE = "HuBMAP kit wheels"
 MODEL_SLUG = "hubmap-kit-model"
 MODEL_TITLE = "HuBMAP kit model"
-KIT_DISTRIBUTION = "hubmap-kit"
-
-# The Kaggle image: CPython 3.12 on Ubuntu 22.04 (glibc 2.35, inferred from Colab's image), so any
-# manylinux wheel up to manylinux_2_35 runs there. pip takes the first tag that has a wheel.
-KAGGLE_PYTHON = "3.12"
-KAGGLE_PLATFORMS = (
-    *(f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)),
-    "manylinux2014_x86_64",
-    "manylinux_2_12_x86_64",
-    "manylinux2010_x86_64",
-    "manylinux_2_5_x86_64",
-    "manylinux1_x86_64",
-)
-TARGETS = ("kaggle", "local")
-# Environment-marker values of the Kaggle image's interpreter (for `python_version < "3.11"`...).
-KAGGLE_MARKERS = {
-    "python_version": KAGGLE_PYTHON,
-    "python_full_version": f"{KAGGLE_PYTHON}.0",
-    "implementation_name": "cpython",
-    "platform_python_implementation": "CPython",
-    "sys_platform": "linux",
-    "platform_system": "Linux",
-    "platform_machine": "x86_64",
-    "os_name": "posix",
-}
-# The kit's dependencies the Kaggle image already has (DOMAIN.md): never shipped as wheels.
-# opencv-python-headless comes with albumentations 2, which requires it.
-KAGGLE_IMAGE = frozenset(
-    {
-        "numpy",
-        "pandas",
-        "torch",
-        "torchvision",
-        "albumentations",
-        "opencv-python-headless",
-        "numba",
-        "tqdm",
-        "matplotlib",
-    }
-)
-
 # Run-folder files (kit.train) that go into a model dataset.
 CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
 RUN_FILES = ("config.json", "history.csv")
@@ -127,10 +84,6 @@ PINNING_TYPES = ("original", "latest")
 
 _SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
-_PIN = re.compile(r"([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)")
-_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
-# How pip is run (tests substitute a stand-in).
-PIP_COMMAND = (sys.executable, "-m", "pip")
 
 
 def repo_root() -> Path:
@@ -499,258 +452,6 @@ def fill_metadata(
     return [path for path, _ in updated]
 
 
-# --------------------------------------------------------------------------- wheels
-
-
-class WheelError(ValueError):
-    """pip could not build or download a wheel; the message names the requirement."""
-
-
-class Pin(NamedTuple):
-    """One ``name==version`` line of wheels/requirements.txt."""
-
-    name: str
-    version: str
-
-    def __str__(self) -> str:
-        return f"{self.name}=={self.version}"
-
-    @property
-    def key(self) -> str:
-        """The normalised project name (PEP 503), as wheel file names and pip compare it."""
-        return _normalise(self.name)
-
-
-def read_requirements(path: str | os.PathLike) -> list[Pin]:
-    """The pinned requirements of a requirements file: ``name==version`` lines, ``#`` comments.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is not an exact pin, or a project pinned twice (names the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"requirements file not found: {path}")
-    pins: list[Pin] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        match = _PIN.fullmatch(text.replace(" ", ""))
-        if not match:
-            raise ValueError(f"{path}:{number}: {text!r} is not an exact pin 'name==version'")
-        pin = Pin(*match.groups())
-        if any(p.key == pin.key for p in pins):
-            raise ValueError(f"{path}:{number}: {pin.name} is pinned twice")
-        pins.append(pin)
-    return pins
-
-
-def pip_target_args(target: str) -> list[str]:
-    """pip download options selecting wheels for `target`: "kaggle" or "local" (this Python)."""
-    if target == "local":
-        return []
-    if target == "kaggle":
-        platforms = [arg for p in KAGGLE_PLATFORMS for arg in ("--platform", p)]
-        return ["--python-version", KAGGLE_PYTHON, "--implementation", "cp", *platforms]
-    raise ValueError(f"wheel target must be one of {list(TARGETS)}, got {target!r}")
-
-
-def build_wheelhouse(
-    dest: str | os.PathLike,
-    target: str = "kaggle",
-    *,
-    requirements: str | os.PathLike | None = None,
-    root: str | os.PathLike | None = None,
-    log: Callable[[str], None] | None = None,
-) -> list[Path]:
-    """Put the kit's wheel and a binary wheel of every pinned requirement into `dest`.
-
-    Args:
-        dest: the wheelhouse folder (created). Its ``*.whl`` become exactly the new set; other
-            files (dataset-metadata.json, README) stay.
-        target: "kaggle" (CPython 3.12, manylinux x86_64) or "local" (the running interpreter).
-        requirements: the pins (default ``<root>/wheels/requirements.txt``).
-        root: the kit's source tree (default: the repository this kit runs from).
-        log: called with one line per wheel as it arrives (e.g. ``print``).
-
-    Returns:
-        The wheel paths in `dest`, the kit's first.
-
-    Everything is fetched into a hidden folder inside `dest` first and moved into place only when
-    every wheel is there, so a failure leaves `dest` as it was.
-
-    Raises:
-        WheelError: pip failed or produced no wheel of a requirement (the message names it).
-    """
-    pip_target_args(target)  # reject a bad target before any work
-    root = Path(root if root is not None else repo_root())
-    pins = read_requirements(requirements or root / "wheels" / "requirements.txt")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    log = log or (lambda line: None)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest))
-    try:
-        built = [build_kit_wheel(staging, root)]
-        log(f"  {built[0].name} ({_size(built[0])})")
-        for pin in pins:
-            built.append(download_wheel(pin, staging, target))
-            log(f"  {built[-1].name} ({_size(built[-1])})")
-        unmet = unmet_dependencies(built, target)
-        if unmet:
-            raise WheelError(
-                "the wheelhouse would not install offline (add these to wheels/requirements.txt, "
-                "or to kit.kaggle.KAGGLE_IMAGE if the image has them):\n  " + "\n  ".join(unmet)
-            )
-        names = {path.name for path in built}
-        for old in dest.glob("*.whl"):
-            if old.name not in names:
-                old.unlink()
-        for path in built:
-            os.replace(path, dest / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return [dest / path.name for path in built]
-
-
-def build_kit_wheel(dest: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """Build the kit's own wheel (pure Python) into `dest`; return its path.
-
-    Built from a clean copy of the sources (pyproject.toml, README, LICENSE, kit/), so files left
-    in an old build/ folder never slip into the wheel.
-    """
-    root = Path(root if root is not None else repo_root())
-    if not (root / "pyproject.toml").is_file() or not (root / "kit").is_dir():
-        raise FileNotFoundError(f"{root}: not the kit's source tree (pyproject.toml and kit/)")
-    dest = Path(dest)
-    with tempfile.TemporaryDirectory(prefix=".kit-build-", dir=dest) as tmp:
-        src, out = Path(tmp) / "src", Path(tmp) / "out"
-        src.mkdir()
-        for path in sorted(root.glob("*")):
-            if path.is_file() and (
-                path.name == "pyproject.toml" or path.name.startswith(("README", "LICENSE"))
-            ):
-                shutil.copy2(path, src / path.name)
-        shutil.copytree(root / "kit", src / "kit", ignore=shutil.ignore_patterns("__pycache__"))
-        _run_pip(
-            ["wheel", "--no-deps", "--wheel-dir", str(out), str(src)],
-            what=f"building the kit's wheel ({KIT_DISTRIBUTION} from {root})",
-        )
-        wheels = sorted(out.glob("*.whl"))
-        if len(wheels) != 1 or _wheel_key(wheels[0].name)[0] != _normalise(KIT_DISTRIBUTION):
-            raise WheelError(
-                f"building the kit's wheel: expected one {KIT_DISTRIBUTION} wheel, "
-                f"got {[w.name for w in wheels]}"
-            )
-        _check_wheel_file(wheels[0], KIT_DISTRIBUTION)
-        return Path(shutil.move(wheels[0], dest / wheels[0].name))
-
-
-def download_wheel(pin: Pin, dest: str | os.PathLike, target: str = "kaggle") -> Path:
-    """Download the binary wheel of one pinned requirement for `target` into `dest`.
-
-    Raises:
-        WheelError: pip failed (no wheel for that platform, unknown version, no registry), or
-            what it saved is not a wheel of exactly that pin.
-    """
-    dest = Path(dest)
-    what = f"{pin} (target {target})"
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as tmp:
-        _run_pip(
-            [
-                "download",
-                "--only-binary=:all:",
-                "--no-deps",
-                "--dest",
-                tmp,
-                *pip_target_args(target),
-                str(pin),
-            ],
-            what=what,
-        )
-        saved = sorted(Path(tmp).iterdir())
-        wheels = [p for p in saved if _wheel_key(p.name) == (pin.key, pin.version.lower())]
-        if len(saved) != 1 or len(wheels) != 1:
-            raise WheelError(f"{what}: pip saved {[p.name for p in saved]}, not one wheel of it")
-        _check_wheel_file(wheels[0], pin.name)
-        return Path(shutil.move(wheels[0], dest / wheels[0].name))
-
-
-def unmet_dependencies(wheels: Iterable[str | os.PathLike], target: str = "kaggle") -> list[str]:
-    """Dependencies of `wheels` that neither the Kaggle image nor the wheels themselves provide.
-
-    The image is taken to hold `KAGGLE_IMAGE` (any version); a wheel of the set must match the
-    requirement's version range. Markers are evaluated for `target` ("kaggle": `KAGGLE_MARKERS`;
-    "local": this interpreter), extras are not installed.
-
-    Returns:
-        One line per unmet requirement: "<wheel file> needs <requirement> (...)".
-    """
-    from packaging.requirements import Requirement
-
-    environment = {**(KAGGLE_MARKERS if target == "kaggle" else {}), "extra": ""}
-    wheels = [Path(w) for w in wheels]
-    provided = dict(filter(None, (_wheel_key(w.name) for w in wheels)))
-    unmet = []
-    for wheel in wheels:
-        for line in _requires_dist(wheel):
-            req = Requirement(line)
-            if req.marker is not None and not req.marker.evaluate(environment):
-                continue
-            key = _normalise(req.name)
-            if key in KAGGLE_IMAGE:
-                continue
-            have = provided.get(key)
-            if have is not None and req.specifier.contains(have, prereleases=True):
-                continue
-            found = f"the wheelhouse has {have}" if have else "not in the wheelhouse"
-            unmet.append(f"{wheel.name} needs {req} ({found}; not in the Kaggle image list)")
-    return unmet
-
-
-def _requires_dist(wheel: Path) -> list[str]:
-    """The ``Requires-Dist`` lines of a wheel's METADATA."""
-    with zipfile.ZipFile(wheel) as archive:
-        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-        metadata = email.message_from_bytes(archive.read(name))
-    return metadata.get_all("Requires-Dist") or []
-
-
-def _run_pip(args: list[str], *, what: str) -> None:
-    """Run ``python -m pip ARGS`` quietly; WheelError naming `what` with pip's last lines."""
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
-    proc = subprocess.run([*PIP_COMMAND, *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-15:]
-        # Index URLs may carry a token (https://user:token@host/): never echo one.
-        text = _URL_CREDENTIALS.sub(r"\1***@", "\n".join(tail))
-        raise WheelError(f"{what}: pip exited with status {proc.returncode}:\n{text}")
-
-
-def _check_wheel_file(path: Path, name: str) -> None:
-    """WheelError unless `path` is a readable zip with a ``*.dist-info/METADATA``."""
-    try:
-        with zipfile.ZipFile(path) as wheel:
-            if not any(n.endswith(".dist-info/METADATA") for n in wheel.namelist()):
-                raise WheelError(f"{name}: {path.name} has no .dist-info/METADATA")
-    except zipfile.BadZipFile as err:
-        raise WheelError(f"{name}: {path.name} is not a valid wheel ({err})") from None
-
-
-def _wheel_key(filename: str) -> tuple[str, str] | None:
-    """(normalised name, lowercase version) of a wheel file name, None if not a wheel's."""
-    if not filename.endswith(".whl"):
-        return None
-    parts = filename[: -len(".whl")].split("-")
-    if len(parts) not in (5, 6):
-        return None
-    return _normalise(parts[0]), parts[1].lower()
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _size(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.1f} MB"
 
@@ -872,38 +573,6 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def add_wheels_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m kit wheels``."""
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="wheelhouse folder (default: <repo>/wheels); the local target goes to OUT/local",
-    )
-    parser.add_argument(
-        "--target",
-        choices=(*TARGETS, "both"),
-        default="kaggle",
-        help="kaggle: CPython 3.12 manylinux x86_64 (the Kaggle image); local: this interpreter",
-    )
-    parser.add_argument("--requirements", type=Path, help="default: <repo>/wheels/requirements.txt")
-    parser.add_argument("--root", type=Path, help="the kit's source tree (default: this repo)")
-
-
-def run_wheels(args: argparse.Namespace) -> None:
-    """Build the wheelhouse(s); a kaggle wheelhouse also gets its dataset-metadata.json."""
-    root = Path(args.root) if args.root else repo_root()
-    out = Path(args.out) if args.out else root / "wheels"
-    targets = TARGETS if args.target == "both" else (args.target,)
-    for target in targets:
-        dest = out if target == "kaggle" else out / "local"
-        print(f"{target} wheelhouse: {dest}")
-        build_wheelhouse(dest, target, requirements=args.requirements, root=root, log=print)
-        if target == "kaggle" and not (dest / DATASET_METADATA).is_file():
-            _write_json(dest / DATASET_METADATA, wheels_dataset_metadata(read_user(root)))
-    if "kaggle" in targets:
-        print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

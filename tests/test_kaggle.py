@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kit import kaggle
+from kit import kaggle, wheels
 from kit.cli import main
 from kit.env import COMPETITION
 
@@ -96,8 +96,8 @@ def test_repository_kernel_metadata_is_ready_to_push(repo):
     assert meta["enable_internet"] is False and meta["enable_tpu"] is False
     assert meta["competition_sources"] == [COMPETITION]
     assert meta["id"] == f"{user}/hubmap-kit-submission"
-    wheels = json.loads((ROOT / "wheels" / kaggle.DATASET_METADATA).read_text())
-    assert meta["dataset_sources"] == [wheels["id"], f"{user}/{kaggle.MODEL_SLUG}"]
+    wheel_files = json.loads((ROOT / "wheels" / kaggle.DATASET_METADATA).read_text())
+    assert meta["dataset_sources"] == [wheel_files["id"], f"{user}/{kaggle.MODEL_SLUG}"]
 
 
 def test_repository_kernel_metadata_points_at_the_real_notebook():
@@ -320,8 +320,8 @@ def test_kaggle_metadata_command_fills_every_file(repo, tmp_path, capsys):
         "alice/hubmap-kit-model",
         "bob/weights-x",
     ]
-    wheels = json.loads((repo / "wheels" / kaggle.DATASET_METADATA).read_text())
-    assert wheels["id"] == "alice/hubmap-kit-wheels"
+    wheel_files = json.loads((repo / "wheels" / kaggle.DATASET_METADATA).read_text())
+    assert wheel_files["id"] == "alice/hubmap-kit-wheels"
     assert json.loads((export / kaggle.DATASET_METADATA).read_text())["id"] == (
         "alice/hubmap-kit-model"
     )
@@ -362,44 +362,44 @@ def test_every_dependency_is_in_the_image_or_the_wheelhouse():
     from packaging.requirements import Requirement
 
     # The installed kit's metadata: `make test` reinstalls it whenever pyproject.toml changes.
-    deps = [Requirement(r) for r in importlib.metadata.requires(kaggle.KIT_DISTRIBUTION)]
-    pins = {p.key: p for p in kaggle.read_requirements(ROOT / "wheels" / "requirements.txt")}
+    deps = [Requirement(r) for r in importlib.metadata.requires(wheels.KIT_DISTRIBUTION)]
+    pins = {p.key: p for p in wheels.read_requirements(ROOT / "wheels" / "requirements.txt")}
     for dep in (d for d in deps if d.marker is None):  # extras (dev) are not runtime needs
-        key = kaggle._normalise(dep.name)
+        key = wheels._normalise(dep.name)
         if key in pins:
             assert dep.specifier.contains(pins[key].version), (dep, pins[key])
         else:
-            assert key in kaggle.KAGGLE_IMAGE, f"{dep.name}: neither in the image nor pinned"
+            assert key in wheels.KAGGLE_IMAGE, f"{dep.name}: neither in the image nor pinned"
     assert {"rasterio", "tifffile"} <= set(pins)
 
 
 def test_read_requirements_accepts_only_exact_pins(tmp_path):
     path = tmp_path / "requirements.txt"
     path.write_text("# comment\n\nrasterio == 1.4.4  # why\nclick_plugins==1.1.1.2\n")
-    assert kaggle.read_requirements(path) == [
-        kaggle.Pin("rasterio", "1.4.4"),
-        kaggle.Pin("click_plugins", "1.1.1.2"),
+    assert wheels.read_requirements(path) == [
+        wheels.Pin("rasterio", "1.4.4"),
+        wheels.Pin("click_plugins", "1.1.1.2"),
     ]
-    assert str(kaggle.Pin("rasterio", "1.4.4")) == "rasterio==1.4.4"
+    assert str(wheels.Pin("rasterio", "1.4.4")) == "rasterio==1.4.4"
     path.write_text("rasterio==1.4.4\ntifffile>=2023\n")
     with pytest.raises(ValueError, match=r"requirements.txt:2: 'tifffile>=2023'"):
-        kaggle.read_requirements(path)
+        wheels.read_requirements(path)
     path.write_text("click-plugins==1.1\nClick_Plugins==1.2\n")
     with pytest.raises(ValueError, match="pinned twice"):
-        kaggle.read_requirements(path)
+        wheels.read_requirements(path)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        kaggle.read_requirements(tmp_path / "missing.txt")
+        wheels.read_requirements(tmp_path / "missing.txt")
 
 
 def test_pip_target_args():
-    args = kaggle.pip_target_args("kaggle")
+    args = wheels.pip_target_args("kaggle")
     assert args[:4] == ["--python-version", "3.12", "--implementation", "cp"]
     platforms = set(args[5::2])
     assert {"manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64"} <= platforms
     assert args[4::2] == ["--platform"] * len(platforms)
-    assert kaggle.pip_target_args("local") == []
+    assert wheels.pip_target_args("local") == []
     with pytest.raises(ValueError, match="'windows'"):
-        kaggle.pip_target_args("windows")
+        wheels.pip_target_args("windows")
 
 
 # --------------------------------------------------------------------------- wheelhouse (fake pip)
@@ -434,7 +434,7 @@ def fake_pip(tmp_path, monkeypatch):
     """Route kit.kaggle's pip calls to a stand-in that writes tiny wheels (no network)."""
     script = tmp_path / "fake_pip.py"
     script.write_text(FAKE_PIP)
-    monkeypatch.setattr(kaggle, "PIP_COMMAND", (sys.executable, str(script)))
+    monkeypatch.setattr(wheels, "PIP_COMMAND", (sys.executable, str(script)))
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("rasterio==1.4.4\ncligj==0.7.2\n")
     return requirements
@@ -446,11 +446,11 @@ def test_build_wheelhouse_replaces_the_wheel_set(fake_pip, tmp_path):
     (dest / "rasterio-1.3.0-py3-none-any.whl").write_bytes(b"stale")
     (dest / kaggle.DATASET_METADATA).write_text("{}")
     lines = []
-    wheels = kaggle.build_wheelhouse(
+    built = wheels.build_wheelhouse(
         dest, "kaggle", requirements=fake_pip, root=ROOT, log=lines.append
     )
     names = [f"{n}-py3-none-any.whl" for n in ("hubmap_kit-0.1.0", "rasterio-1.4.4", "cligj-0.7.2")]
-    assert [w.name for w in wheels] == names
+    assert [w.name for w in built] == names
     assert sorted(p.name for p in dest.iterdir()) == sorted([*names, kaggle.DATASET_METADATA])
     assert len(lines) == 3 and lines[1].strip().startswith("rasterio-1.4.4")
 
@@ -460,8 +460,8 @@ def test_failed_download_names_the_requirement_and_changes_nothing(fake_pip, tmp
     dest.mkdir()
     (dest / "old-1.0-py3-none-any.whl").write_bytes(b"old")
     monkeypatch.setenv("FAKE_PIP_FAIL", "cligj")
-    with pytest.raises(kaggle.WheelError) as err:
-        kaggle.build_wheelhouse(dest, "local", requirements=fake_pip, root=ROOT)
+    with pytest.raises(wheels.WheelError) as err:
+        wheels.build_wheelhouse(dest, "local", requirements=fake_pip, root=ROOT)
     message = str(err.value)
     assert "cligj==0.7.2 (target local)" in message
     assert "No matching distribution" in message
@@ -471,16 +471,16 @@ def test_failed_download_names_the_requirement_and_changes_nothing(fake_pip, tmp
 
 def test_pip_saving_no_wheel_is_an_error(fake_pip, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_PIP_NOTHING", "rasterio")
-    with pytest.raises(kaggle.WheelError, match=r"rasterio==1\.4\.4 \(target kaggle\).*saved \[\]"):
-        kaggle.build_wheelhouse(tmp_path / "w", "kaggle", requirements=fake_pip, root=ROOT)
+    with pytest.raises(wheels.WheelError, match=r"rasterio==1\.4\.4 \(target kaggle\).*saved \[\]"):
+        wheels.build_wheelhouse(tmp_path / "w", "kaggle", requirements=fake_pip, root=ROOT)
     assert list((tmp_path / "w").iterdir()) == []
 
 
 def test_a_dependency_nobody_ships_stops_the_build(fake_pip, tmp_path, monkeypatch):
     requires = {"cligj": ["click>=4.0", "numpy>=1.24"], "rasterio": ["cligj>=0.8"]}
     monkeypatch.setenv("FAKE_PIP_REQUIRES", json.dumps(requires))
-    with pytest.raises(kaggle.WheelError) as err:
-        kaggle.build_wheelhouse(tmp_path / "w", "kaggle", requirements=fake_pip, root=ROOT)
+    with pytest.raises(wheels.WheelError) as err:
+        wheels.build_wheelhouse(tmp_path / "w", "kaggle", requirements=fake_pip, root=ROOT)
     lines = str(err.value).splitlines()[1:]
     assert lines == [
         "  rasterio-1.4.4-py3-none-any.whl needs cligj>=0.8 (the wheelhouse has 0.7.2; "
@@ -501,7 +501,7 @@ def write_wheel(folder: Path, name: str, version: str, requires=()) -> Path:
 
 
 def test_unmet_dependencies_evaluates_markers_for_the_target(tmp_path):
-    wheels = [
+    wheel_files = [
         write_wheel(tmp_path, "click", "8.5.1"),
         write_wheel(
             tmp_path,
@@ -518,13 +518,13 @@ def test_unmet_dependencies_evaluates_markers_for_the_target(tmp_path):
             ],
         ),
     ]
-    assert kaggle.unmet_dependencies(wheels, "kaggle") == [
+    assert wheels.unmet_dependencies(wheel_files, "kaggle") == [
         "rasterio-1.4.4-py3-none-any.whl needs Click>=9 (the wheelhouse has 8.5.1; "
         "not in the Kaggle image list)",
         "rasterio-1.4.4-py3-none-any.whl needs shapely (not in the wheelhouse; "
         "not in the Kaggle image list)",
     ]
-    assert kaggle.unmet_dependencies(wheels[:1], "local") == []
+    assert wheels.unmet_dependencies(wheel_files[:1], "local") == []
 
 
 def test_wheels_command_writes_the_dataset_metadata(fake_pip, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 Built once per test session:
 
-1. the wheelhouse for this interpreter (``kit.kaggle.build_wheelhouse(target="local")``): the
+1. the wheelhouse for this interpreter (``kit.wheels.build_wheelhouse(target="local")``): the
    kit's own wheel and wheels/requirements.txt, nothing else;
 2. a stand-in for the Kaggle image: a fresh virtual environment whose site-packages holds a
    ``.pth`` line naming a folder of symlinks to the development venv's site-packages (torch,
@@ -34,7 +34,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from kit import kaggle
+from kit import kaggle, wheels
 from kit.env import COMPETITION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def network_cut_prefix() -> list[str]:
 def local_wheelhouse(tmp_path_factory) -> Path:
     """The kit + wheels/requirements.txt as wheels for this interpreter (built once)."""
     dest = tmp_path_factory.mktemp("wheelhouse")
-    kaggle.build_wheelhouse(dest, "local", root=ROOT)
+    wheels.build_wheelhouse(dest, "local", root=ROOT)
     return dest
 
 
