@@ -261,14 +261,19 @@ def load_pretrained(model: SegmentationModel, path: str | os.PathLike) -> Weight
     return WeightsReport(path, kind, tuple(take), skipped)
 
 
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load`` on the CPU with ``weights_only=True``; errors name the file and ``what``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or non-torch files
+        raise ValueError(f"{path}: not a readable {what} ({err})") from err
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict read with ``weights_only=True``; errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or non-torch files
-        raise ValueError(f"{path}: not a readable torch weights file ({err})") from err
+    state = _torch_load(path, "weights file")
     if isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: is a kit checkpoint, not torchvision weights; use load_model")
     if not (
@@ -345,12 +350,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> Path:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a kit checkpoint (``weights_only=True``, on the CPU)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or non-torch files
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+    ckpt = _torch_load(path, "checkpoint")
     _check_checkpoint(ckpt, path)
     return ckpt
 
