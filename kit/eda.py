@@ -56,8 +56,9 @@ def slide_table(data_dir: str | os.PathLike, thumb_scale: int = 32) -> pd.DataFr
 
     Columns: ``id, split, height, width, layout, patient, glomeruli`` (polygons in the JSON file,
     train only), ``mask_coverage`` (share of pixels inside a glomerulus, from train.csv),
-    ``tissue_fraction`` (share of the thumbnail that passes the HSV tissue test) and the mean RGB
-    of tissue pixels ``r, g, b``.
+    ``tissue_fraction`` (share of the thumbnail that passes the HSV tissue test), the mean RGB
+    of tissue pixels ``r, g, b`` and their HSV statistics (``h_mean, h_std, s_mean, ...``, see
+    `hsv_statistics`).
     """
     data_dir = Path(data_dir)
     train = pd.read_csv(data_dir / "train.csv", dtype=str).set_index("id")["encoding"]
@@ -83,6 +84,7 @@ def slide_table(data_dir: str | os.PathLike, thumb_scale: int = 32) -> pd.DataFr
             row["tissue_fraction"] = float(tissue.mean())
             colour = thumb[tissue].mean(axis=0) if tissue.any() else np.full(3, np.nan)
             row.update(zip("rgb", np.round(colour, 1), strict=True))
+            row.update(hsv_statistics(thumb, tissue))
             rows.append(row)
     return pd.DataFrame(rows)
 

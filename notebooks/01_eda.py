@@ -117,13 +117,8 @@ plots.show(
 # augmentation is for.
 
 # %%
-colour = []
-for r in table.itertuples():
-    with Slide(env.data_dir / r.split / f"{r.id}.tiff") as slide:
-        thumb = slide.thumbnail(THUMB_SCALE)
-    stats = eda.hsv_statistics(thumb, eda.tissue_mask(thumb))
-    colour.append({"id": r.id, "patient": r.patient, **stats})
-pd.DataFrame(colour).round(1)
+colour = ["r", "g", "b"] + [f"{c}_{s}" for c in "hsv" for s in ("mean", "std")]
+table[["id", "patient", "tissue_fraction", *colour]].round(2)
 
 # %% [markdown]
 # ## How many training windows hold a glomerulus?

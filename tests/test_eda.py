@@ -40,6 +40,7 @@ def test_slide_table(dataset):
         assert row["mask_coverage"] == pytest.approx(mask.mean())
         assert row["glomeruli"] >= 1
     assert table["tissue_fraction"].between(0.2, 0.9).all()
+    assert (table["s_mean"] > 40).all()  # tissue pixels pass the saturation test
     assert set(table["layout"]) <= {"rgb", "planes"}
 
 
