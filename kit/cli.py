@@ -19,6 +19,7 @@ from pathlib import Path
 
 # The argument definitions live next to what they configure; the work is imported per command.
 from kit import kaggle, wheels
+from kit.synthetic import DEFAULT_PARAMS as SYNTH
 from kit.train import add_train_arguments
 
 
@@ -114,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the competition's layout")
     p.add_argument("--out", type=Path, required=True, help="folder to create")
-    p.add_argument("--slides", type=int, default=8, help="number of slides in all")
-    p.add_argument("--test-slides", type=int, default=2, help="how many of them are test slides")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(2311, 2897))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slides", type=int, default=SYNTH["slides"], help="number of slides in all")
+    p.add_argument("--test-slides", type=int, default=SYNTH["test_slides"], help="test slides")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=SYNTH["size"])
+    p.add_argument("--seed", type=int, default=SYNTH["seed"])
     p.add_argument("--patients", type=int, help="number of patients (default ~0.6/slide)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(run=_synth)
