@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from kit.infer import InferConfig, Predictor, iter_probability_strips, resolve_config
 from kit.metrics import ThresholdSweep
-from kit.rle import decode_columns, parse
+from kit.rle import RleEncoder, decode_columns, parse
 from kit.slides import Slide
 
 __all__ = ["DEFAULT_THRESHOLDS", "best_threshold", "evaluate_slides", "format_report", "mean_dice"]
@@ -41,6 +41,7 @@ def evaluate_slides(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     *,
     progress: bool = True,
+    keep_rle: bool = False,
 ) -> pd.DataFrame:
     """Dice of each training slide's full-resolution prediction against ``train.csv``.
 
@@ -51,11 +52,13 @@ def evaluate_slides(
         cfg: the `InferConfig`; its ``threshold`` gives the ``dice`` column.
         thresholds: more thresholds to score (``prob > t``), one ``dice@t`` column each.
         progress: show a tqdm bar over the slides.
+        keep_rle: also return each slide's predicted mask at ``cfg.threshold`` as an RLE (an
+            ``rle`` column), so pictures of the prediction need no second inference pass.
 
     Returns:
         One row per slide: ``id``, ``dice`` (at ``cfg.threshold``), ``dice@t`` per threshold,
         ``pred_px`` and ``true_px`` (foreground pixels at ``cfg.threshold`` and in the truth),
-        ``seconds``.
+        ``seconds`` (and ``rle`` with ``keep_rle``).
 
     Raises:
         ValueError: an id not in train.csv (named), or repeated ids.
@@ -80,7 +83,8 @@ def evaluate_slides(
     rows = []
     for slide_id in tqdm(ids, desc="evaluate", unit="slide", disable=not progress):
         start = time.perf_counter()
-        sweep = _sweep_slide(paths[slide_id], truth[slide_id], predictor, cfg, extra)
+        encoder = _Encoder(paths[slide_id], cfg.threshold) if keep_rle else None
+        sweep = _sweep_slide(paths[slide_id], truth[slide_id], predictor, cfg, extra, encoder)
         scores = sweep.compute()
         at = sweep.thresholds.index(float(cfg.threshold))
         rows.append(
@@ -91,9 +95,10 @@ def evaluate_slides(
                 "pred_px": int(sweep.pred_sum[at]),
                 "true_px": int(sweep.target_sum),
                 "seconds": round(time.perf_counter() - start, 2),
+                **({"rle": encoder.finish()} if encoder else {}),
             }
         )
-    return pd.DataFrame(rows, columns=_columns(extra))
+    return pd.DataFrame(rows, columns=_columns(extra) + (["rle"] if keep_rle else []))
 
 
 def mean_dice(scores: pd.DataFrame) -> pd.Series:
@@ -129,7 +134,12 @@ def format_report(scores: pd.DataFrame) -> str:
 
 
 def _sweep_slide(
-    path: Path, rle: str, predictor: Predictor, cfg: InferConfig, thresholds: Sequence[float]
+    path: Path,
+    rle: str,
+    predictor: Predictor,
+    cfg: InferConfig,
+    thresholds: Sequence[float],
+    encoder: _Encoder | None = None,
 ) -> ThresholdSweep:
     """Counts at every threshold (and cfg.threshold) of one slide, strip by strip."""
     with Slide(path) as slide:
@@ -141,7 +151,24 @@ def _sweep_slide(
     sweep = ThresholdSweep(sorted({*thresholds, float(cfg.threshold)}))
     for cols, probs in iter_probability_strips(path, predictor, cfg):
         sweep.update(probs, decode_columns(runs, shape, cols))
+        if encoder is not None:
+            encoder.add(probs)
     return sweep
+
+
+class _Encoder:
+    """Streams thresholded probability strips of one slide into the competition's RLE."""
+
+    def __init__(self, path: Path, threshold: float):
+        with Slide(path) as slide:
+            self._rle = RleEncoder(slide.shape[0])
+        self.threshold = threshold
+
+    def add(self, probs) -> None:
+        self._rle.add(probs > self.threshold)
+
+    def finish(self) -> str:
+        return self._rle.finish()
 
 
 def _read_truth(data_dir: Path) -> dict[str, str]:

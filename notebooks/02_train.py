@@ -48,7 +48,7 @@ from kit import eda, plots
 from kit.data import TileDataset, train_transforms
 from kit.env import environment
 from kit.evaluate import best_threshold, evaluate_slides, format_report
-from kit.infer import config_from_checkpoint, predict_slide_rle
+from kit.infer import config_from_checkpoint
 from kit.kaggle import export_model
 from kit.model import load_model
 from kit.slides import Slide
@@ -118,8 +118,8 @@ history
 # %%
 model, checkpoint = load_model(result["best_path"], device=cfg.device or "cpu")
 infer_cfg = config_from_checkpoint(checkpoint, device=cfg.device or "cpu")
-scores = evaluate_slides(env.data_dir, model, valid_ids, infer_cfg)
-print(format_report(scores))
+scores = evaluate_slides(env.data_dir, model, valid_ids, infer_cfg, keep_rle=True)
+print(format_report(scores.drop(columns="rle")))
 sweep = scores[[c for c in scores.columns if c.startswith("dice@")]].mean()
 thresholds = [float(c.removeprefix("dice@")) for c in sweep.index]
 plots.show(plots.plot_sweep(thresholds, list(sweep), infer_cfg.threshold), FIGURES / "sweep.png")
@@ -137,7 +137,7 @@ truth = pd.read_csv(env.data_dir / "train.csv", dtype=str).set_index("id").at[sl
 with Slide(path) as slide:
     shape, scale = slide.shape, max(1, max(slide.shape) // 1500)
     thumb = slide.thumbnail(scale)
-predicted = predict_slide_rle(path, model, infer_cfg)
+predicted = scores.set_index("id").at[slide_id, "rle"]  # kept by evaluate: no second pass
 errors = plots.error_overlay(
     thumb,
     eda.mask_thumbnail(predicted, shape, scale) > 0.5,

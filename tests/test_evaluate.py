@@ -115,3 +115,15 @@ def test_format_report_shows_the_mean_and_best_threshold(data_dir):
     assert lines[1].split()[0] == "a1" and lines[3].split()[0] == "mean"
     assert f"{scores['dice'].mean():.4f}" in lines[3] and f"{scores['dice'].mean():.4f}" in lines[4]
     assert lines[5].startswith("best threshold: 0.")
+
+
+def test_keep_rle_returns_the_submission_path_mask(data_dir):
+    """The kept RLE is exactly what predict_slide_rle gives for the same slide and config."""
+    from kit.infer import predict_slide_rle
+
+    scores = evaluate_slides(data_dir, pointwise, ["b2", "a1"], CFG, progress=False, keep_rle=True)
+    for slide_id, kept in zip(scores["id"], scores["rle"], strict=True):
+        path = data_dir / "train" / f"{slide_id}.tiff"
+        assert kept == predict_slide_rle(path, pointwise, CFG)
+        assert kept != ""  # the pointwise predictor marks something on these slides
+    assert "rle" not in evaluate_slides(data_dir, pointwise, ["b2"], CFG, progress=False).columns
