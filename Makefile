@@ -1,11 +1,12 @@
 # Two entry points: `make demo` (the main job on the embedded synthetic dataset) and `make test`
-# (the whole suite). Both create .venv at the repository root on first use.
+# (the whole suite, as CI runs it). Both create .venv at the repository root on first use.
+# `make test-fast` is the inner loop while developing: tests/ without the ones marked slow.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test lint format sync wheels bench clean
+.PHONY: demo test test-fast lint format sync wheels bench clean
 
 $(VENV)/.kit: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: $(VENV)/.kit
 test: $(VENV)/.dev lint
 	$(PY) -m pytest tests/
 	MPLBACKEND=Agg $(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks/
+
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -m "not slow" tests/
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check kit tests bench scripts notebooks/*.py

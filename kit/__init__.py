@@ -1,9 +1,10 @@
 """kit: a notebook kit for the Kaggle HuBMAP "Hacking the Kidney" glomerulus segmentation.
 
 Modules, one concept each: ``rle`` (the competition's run-length encoding), ``slides`` (whole-slide
-TIFFs read by windows), ``tiling`` (tiling plans and tissue detection), ``synthetic`` (a small
-dataset in the competition's layout), ``data``, ``model``, ``losses``, ``metrics``, ``train``,
-``infer``, ``submit``, ``plots``, ``env`` and ``cli`` (``python -m kit``).
+TIFFs read by windows), ``tiling`` (tiling plans and the tissue rule), ``polygons`` (annotation
+polygons to masks), ``synthetic`` (a small dataset in the competition's layout), ``data``,
+``model``, ``losses``, ``metrics``, ``train``, ``infer``, ``submit``, ``plots``, ``env`` and
+``cli`` (``python -m kit``).
 """
 
 __version__ = "0.1.0"

@@ -63,11 +63,9 @@ def _infer_config(args: argparse.Namespace, checkpoint: dict):
 
 
 def _load(args: argparse.Namespace):
-    from kit.model import default_device, load_model
+    from kit.model import load_model
 
-    device = args.device or default_device()
-    model, ckpt = load_model(args.weights, device=device)
-    args.device = device
+    model, ckpt = load_model(args.weights, device=args.device)  # None: kit.device's default
     return model, ckpt
 
 

@@ -9,8 +9,9 @@ training step, so tiles are prepared once per slide and kept as plain ``.npy`` a
     image, mask = ds[0]  # float32 (3, 256, 256) in [0, 1], float32 (1, 256, 256) of 0/1
 
 Every window of the slide's tiling plan is labelled ``positive`` (enough glomerulus pixels),
-``tissue`` (tissue but no glomerulus: the hard negatives) or ``background``. All positives are
-kept and a configurable share of the others, so the model also sees what is *not* a glomerulus.
+``tissue`` (no glomerulus, but a window inference would predict: the hard negatives) or
+``background`` (one inference would skip as tissue-free). All positives are kept and a
+configurable share of the others, so the model also sees what is *not* a glomerulus.
 
 Splits are by slide (or patient), never by tile: tiles of one slide are strongly correlated and a
 random tile split overstates Dice by several points.
@@ -22,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,14 +34,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from kit.polygons import rasterize
+from kit.progress import progress_bar
 from kit.rle import decode_columns, parse
 from kit.slides import Slide, downscale
-from kit.tiling import plan, tissue_fraction, tissue_mask
+from kit.tiling import MIN_TISSUE, TISSUE_SATURATION, has_tissue, plan, tissue_fraction
 
 # Bump when the way tiles are built changes, so that old caches are rebuilt.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 KINDS = ("positive", "tissue", "background")
 INFO_CSV = "HuBMAP-20-dataset_information.csv"
 
@@ -54,12 +55,15 @@ class DataConfig:
     scale: int = 4  # downscale factor: tiles are window // scale pixels a side
     overlap: int = 256  # overlap between neighbouring windows of the grid, full-resolution px
     min_mask_fraction: float = 0.001  # glomerulus share of a window that makes it "positive"
-    min_tissue_fraction: float = 0.05  # tissue share that makes a negative "tissue", not background
+    # A negative window is "tissue" when inference would predict it: its core's tissue fraction,
+    # on the slide downscaled by scale, is above this (kit.tiling.has_tissue), else "background".
+    # As InferConfig.min_tissue: the same rule on the same pixels.
+    min_tissue: float = MIN_TISSUE
     tissue_share: float = 0.5  # share of tissue-only negatives kept (the hard negatives)
     background_share: float = 0.05  # share of background windows kept
     mask_source: str = "rle"  # "rle": train.csv encodings; "json": train/{id}.json polygons
-    thumb_scale: int = 16  # downscale of the thumbnail used for the tissue test
-    saturation: int = 40  # HSV saturation threshold of the tissue test (0..255)
+    tissue_saturation: int = TISSUE_SATURATION  # HSV saturation (0..255) above which a pixel is
+    # tissue (kit.tiling.tissue_mask); as InferConfig.tissue_saturation
     seed: int = 0  # chooses which negatives are kept
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class DataConfig:
         for name in ("tissue_share", "background_share", "min_mask_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.min_tissue < 1.0:
+            raise ValueError(f"min_tissue must be in [0, 1), got {self.min_tissue!r}")
         if self.mask_source not in ("rle", "json"):
             raise ValueError(f"mask_source must be 'rle' or 'json', got {self.mask_source!r}")
 
@@ -129,53 +135,41 @@ def mask_source(
         path = data_dir / "train" / f"{slide_id}.json"
         if not path.is_file():
             raise FileNotFoundError(f"no polygon file for slide {slide_id!r}: {path}")
-        polygons = read_polygons(path)
-        return (lambda cols: rasterize_columns(polygons, shape, cols)), _digest(path.read_bytes())
+        polygons = read_polygons(path, holes=True)
+        return (lambda cols: rasterize(polygons, shape, cols)), _digest(path.read_bytes())
     raise ValueError(f"mask source must be 'rle' or 'json', got {source!r}")
 
 
-def read_polygons(path: str | os.PathLike) -> list[np.ndarray]:
-    """Exterior rings of the glomerulus polygons of a ``train/{id}.json`` file.
+def read_polygons(
+    path: str | os.PathLike, *, holes: bool = False
+) -> list[np.ndarray] | list[list[np.ndarray]]:
+    """The glomerulus polygons of a ``train/{id}.json`` file.
 
-    Returns a list of float64 (k, 2) arrays of (x, y) full-resolution pixel coordinates. Accepts a
-    list of GeoJSON Features or a FeatureCollection, with Polygon or MultiPolygon geometries.
-    Holes are ignored (glomerulus annotations have none worth the complexity).
+    Accepts a list of GeoJSON Features or a FeatureCollection, with Polygon or MultiPolygon
+    geometries. Vertices are (x, y) full-resolution pixel coordinates, float64.
+
+    Returns:
+        with ``holes=False``, the exterior ring of each polygon, a (k, 2) array (what counting,
+        measuring or centring glomeruli needs); with ``holes=True``, each polygon as a list of
+        rings, exterior first and then its holes (what `kit.polygons.rasterize` takes).
     """
     try:
         doc = json.loads(Path(path).read_text())
         features = doc["features"] if isinstance(doc, dict) else doc
-        rings = []
+        polygons = []
         for feature in features:
             geometry = feature["geometry"]
-            polygons = geometry["coordinates"]
+            parts = geometry["coordinates"]
             if geometry["type"] == "Polygon":
-                polygons = [polygons]
+                parts = [parts]
             elif geometry["type"] != "MultiPolygon":
                 continue
-            rings += [
-                np.asarray(polygon[0], dtype=np.float64).reshape(-1, 2) for polygon in polygons
-            ]
+            for rings in parts:
+                rings = [np.asarray(ring, dtype=np.float64).reshape(-1, 2) for ring in rings]
+                polygons.append(rings if holes else rings[0])
     except (KeyError, TypeError, IndexError, ValueError) as err:
         raise ValueError(f"{path}: not a GeoJSON polygon file ({err})") from err
-    return rings
-
-
-def rasterize_columns(
-    polygons: Sequence[np.ndarray], shape: tuple[int, int], cols: slice
-) -> np.ndarray:
-    """Fill polygons into the uint8 (H, cols width) strip of a mask of ``shape``.
-
-    Equals the same columns of the whole rasterised mask: the polygons meeting the strip are
-    filled whole on a wider canvas, then cropped (OpenCV rounds clipped edges differently).
-    """
-    x0, x1 = cols.start or 0, shape[1] if cols.stop is None else cols.stop
-    inside = [p for p in polygons if p[:, 0].max() >= x0 and p[:, 0].min() < x1]
-    lo = int(min([x0] + [np.floor(p[:, 0].min()) for p in inside]))
-    hi = int(max([x1] + [np.ceil(p[:, 0].max()) + 1 for p in inside]))
-    canvas = np.zeros((shape[0], hi - lo), dtype=np.uint8)
-    if inside:
-        cv2.fillPoly(canvas, [np.round(p - (lo, 0)).astype(np.int32) for p in inside], 1)
-    return np.ascontiguousarray(canvas[:, x0 - lo : x1 - lo])
+    return polygons
 
 
 # --------------------------------------------------------------------------- tile index
@@ -188,13 +182,24 @@ def index_slide(
 
     Returns a DataFrame with one row per window, in plan order (column strip by column strip):
     ``id, y0, x0, y1, x1`` (full-resolution window, may pass the slide edge), ``mask_fraction``
-    and ``tissue_fraction`` (shares of the window's area) and ``kind``.
+    (share of the window's area), ``tissue_fraction`` (share of its core, `kit.tiling`) and
+    ``kind``.
+
+    A window without enough glomerulus is a "tissue" negative when inference would predict it
+    and "background" when inference would skip it: the tissue rule (`kit.tiling.has_tissue`)
+    judges its core on the slide downscaled by ``cfg.scale``, the pixels the model is shown.
+    With the inference grid (``cfg.overlap`` equal to the inference overlap) the windows are the
+    inference tiles and the labels its decisions exactly (for a file without overviews, whose
+    ``Slide.thumbnail`` is exact); with another grid, each window is judged as inference judges
+    a tile with that core. The slide is read once, at ``cfg.scale`` (a 30k x 40k slide at scale 4
+    is a 225 MB picture).
     """
     with Slide(path) as slide:
         shape = slide.shape
         tiles = plan(shape, cfg.window, cfg.overlap, align=cfg.scale)
-        thumb = slide.thumbnail(cfg.thumb_scale)
-    tissue = tissue_fraction(tiles, tissue_mask(thumb, cfg.saturation), cfg.thumb_scale)
+        picture = slide.thumbnail(cfg.scale)
+    tissue = tissue_fraction(tiles, picture, cfg.scale, saturation=cfg.tissue_saturation)
+    del picture  # hundreds of MB on a real slide: not held while the mask is read
     area = float(cfg.window * cfg.window)
     masked = np.zeros(len(tiles))
     for cols, members in _column_strips(tiles, shape):
@@ -208,7 +213,7 @@ def index_slide(
     kind = np.where(
         (masked > 0) & (mask_fraction >= cfg.min_mask_fraction),
         "positive",
-        np.where(tissue >= cfg.min_tissue_fraction, "tissue", "background"),
+        np.where(has_tissue(tissue, cfg.min_tissue), "tissue", "background"),
     )
     return pd.DataFrame(
         {
@@ -281,7 +286,7 @@ def build_tile_cache(
     ``masks.npy`` uint8 (N, t, t) of 0/1, ``index.csv`` (one row per tile: id, window, kind) and
     ``manifest.json`` (the key and the inputs it hashes). It is built in a temporary folder and
     renamed into place, so a crash leaves no half-written cache behind.
-    ``progress=None`` shows a bar on a terminal or in Jupyter (see ``show_progress``).
+    ``progress=None`` shows a bar on a terminal or in Jupyter (`kit.progress.show_progress`).
     """
     path = slide_path(data_dir, slide_id)
     with Slide(path) as slide:
@@ -359,14 +364,9 @@ def _write_tiles(folder, path, mask_strip, shape, index, cfg, progress) -> None:
     images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, t, t, 3))
     masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, t, t))
     height = shape[0]
-    bar = tqdm(
-        total=n,
-        desc=f"tiles {index['id'].iloc[0] if n else ''}",
-        unit="tile",
-        disable=not show_progress(progress),
-        leave=False,
-    )
-    with Slide(path) as slide:
+    desc = f"tiles {index['id'].iloc[0] if n else ''}"
+    bar = progress_bar(desc=desc, unit="tile", progress=progress, total=n, leave=False)
+    with bar, Slide(path) as slide:
         for (x0, x1), rows in index.groupby(["x0", "x1"], sort=False):
             cols = slice(max(x0, 0), min(x1, shape[1]))
             strip = mask_strip(cols)
@@ -379,7 +379,6 @@ def _write_tiles(folder, path, mask_strip, shape, index, cfg, progress) -> None:
                 ]
                 masks[i] = downscale_mask(full, cfg.scale)
                 bar.update()
-    bar.close()
     images.flush()
     masks.flush()
     del images, masks
@@ -417,13 +416,6 @@ def _manifest_key(folder: Path) -> str | None:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def show_progress(progress: bool | None) -> bool:
-    """Whether to draw tqdm bars: ``progress``, or when None, on a terminal or in Jupyter."""
-    if progress is not None:
-        return progress
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 # --------------------------------------------------------------------------- dataset

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
-from kit.infer import InferConfig, Predictor, iter_probability_strips, resolve_config
+from kit.infer import InferConfig, OnProgress, Predictor, iter_probability_strips, resolve_config
 from kit.metrics import ThresholdSweep
+from kit.progress import tile_bar
 from kit.rle import RleEncoder, decode_columns, parse
 from kit.slides import Slide
 
@@ -40,7 +40,7 @@ def evaluate_slides(
     cfg: InferConfig | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     keep_rle: bool = False,
 ) -> pd.DataFrame:
     """Dice of each training slide's full-resolution prediction against ``train.csv``.
@@ -51,7 +51,8 @@ def evaluate_slides(
         ids: the slides to score, in this order; default every id of train.csv.
         cfg: the `InferConfig`; its ``threshold`` gives the ``dice`` column.
         thresholds: more thresholds to score (``prob > t``), one ``dice@t`` column each.
-        progress: show a tqdm bar over the slides.
+        progress: a bar over each slide's tiles, ``evaluate {id} ({i}/{n})``; None: on a
+            terminal or in Jupyter, never into a log file (`kit.progress.show_progress`).
         keep_rle: also return each slide's predicted mask at ``cfg.threshold`` as an RLE (an
             ``rle`` column), so pictures of the prediction need no second inference pass.
 
@@ -81,10 +82,13 @@ def evaluate_slides(
 
     extra = list(dict.fromkeys(float(t) for t in thresholds))
     rows = []
-    for slide_id in tqdm(ids, desc="evaluate", unit="slide", disable=not progress):
+    for i, slide_id in enumerate(ids, 1):
         start = time.perf_counter()
         encoder = _Encoder(paths[slide_id], cfg.threshold) if keep_rle else None
-        sweep = _sweep_slide(paths[slide_id], truth[slide_id], predictor, cfg, extra, encoder)
+        with tile_bar(f"evaluate {slide_id} ({i}/{len(ids)})", progress) as advance:
+            sweep = _sweep_slide(
+                paths[slide_id], truth[slide_id], predictor, cfg, extra, encoder, advance
+            )
         scores = sweep.compute()
         at = sweep.thresholds.index(float(cfg.threshold))
         rows.append(
@@ -140,6 +144,7 @@ def _sweep_slide(
     cfg: InferConfig,
     thresholds: Sequence[float],
     encoder: _Encoder | None = None,
+    on_progress: OnProgress | None = None,
 ) -> ThresholdSweep:
     """Counts at every threshold (and cfg.threshold) of one slide, strip by strip."""
     with Slide(path) as slide:
@@ -149,7 +154,7 @@ def _sweep_slide(
     except ValueError as e:
         raise ValueError(f"train.csv encoding of {path.stem} (shape {shape}): {e}") from e
     sweep = ThresholdSweep(sorted({*thresholds, float(cfg.threshold)}))
-    for cols, probs in iter_probability_strips(path, predictor, cfg):
+    for cols, probs in iter_probability_strips(path, predictor, cfg, on_progress=on_progress):
         sweep.update(probs, decode_columns(runs, shape, cols))
         if encoder is not None:
             encoder.add(probs)

@@ -4,6 +4,7 @@
     rle = predict_slide_rle(path, model, InferConfig(tta=True))        # never holds (H, W)
     for cols, probs in iter_probability_strips(path, model, scale=2):  # float32 (H, w) strips
         ...
+    predict_slide_rle(path, model, on_progress=print)  # (tiles done, tiles in the plan)
 
 Plan: `kit.tiling.plan` lays windows of ``window`` px overlapping by at least ``overlap`` px,
 starts aligned to ``scale``, ordered column strip by column strip. Read: a reader thread with
@@ -17,7 +18,9 @@ float (N, 3, h, w) RGB in [0, 1] and returning logits (N, 1, h, w), e.g. a model
 `kit.model`. Merge: each window's probabilities are upsampled back to full resolution and only
 its core is kept. Cores partition the slide, so every pixel comes from exactly one window and
 nothing is accumulated; a column strip (the cores of one column of windows) is handed on as soon
-as its windows are done. Memory is O(H x strip width).
+as its windows are done. Memory is O(H x strip width). Progress: an ``on_progress(done, total)``
+callback hears how many of the plan's tiles are done (skipped ones count) before the first strip
+and with each strip; `kit.progress.tile_bar` makes one that draws a bar.
 
 Exactness (pinned in tests/test_infer.py): for a pointwise predictor, `predict_slide` equals,
 pixel for pixel, the whole-image computation: downscale the padded slide, predict, sigmoid,
@@ -49,9 +52,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from kit.device import amp_dtype
 from kit.rle import RleEncoder
 from kit.slides import Slide
-from kit.tiling import Tile, plan, tissue_mask
+from kit.tiling import (
+    MIN_TISSUE,
+    TISSUE_SATURATION,
+    Tile,
+    has_tissue,
+    plan,
+    tissue_fraction,
+)
 
 __all__ = [
     "InferConfig",
@@ -65,6 +76,8 @@ __all__ = [
 ]
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+# Called with (tiles done, tiles in the plan): once with 0, then after each column strip.
+OnProgress = Callable[[int, int], None]
 
 UPSAMPLE_MODES = ("bilinear", "nearest")
 
@@ -88,9 +101,9 @@ _READ_CHUNK_PIXELS = 2 * 2**20
 class InferConfig:
     """How a slide is tiled, predicted and merged (one config for predict, submit, evaluate).
 
-    Tissue detection (``tissue``) judges each tile on its own core as the predictor would see
-    it, downscaled by ``scale`` (`kit.tiling.tissue_mask` on those pixels), not on a separate
-    thumbnail: the slide is decoded only once.
+    Tissue detection (``tissue``) is the kit's tissue rule (`kit.tiling.has_tissue`), the one
+    training labels its negatives by: each tile is judged on its own core as the predictor sees
+    it, downscaled by ``scale``, not on a separate thumbnail (the slide is decoded only once).
     """
 
     window: int = 1024  # side of the full-resolution window read from the slide (px)
@@ -103,11 +116,13 @@ class InferConfig:
     batch_size: int = 8  # windows per predictor call (per flip with tta)
     tissue: bool = True  # skip tiles whose core shows no tissue: 0, never predicted (judged on
     # the core's pixels downscaled by scale, as read for the predictor; no thumbnail pass)
-    tissue_saturation: int = 40  # HSV saturation (0..255) above which a pixel is tissue
-    min_tissue: float = 0.001  # tiles whose core's tissue fraction is <= this are skipped
+    tissue_saturation: int = TISSUE_SATURATION  # HSV saturation (0..255) above which a pixel
+    # is tissue (kit.tiling.tissue_mask); as DataConfig.tissue_saturation
+    min_tissue: float = MIN_TISSUE  # tiles whose core's tissue fraction is <= this are skipped
+    # (kit.tiling.has_tissue); as DataConfig.min_tissue, whose "tissue" negatives are the rest
     device: str | torch.device | None = None  # None: where the predictor's parameters are, or CPU
-    amp: bool | None = None  # CUDA autocast, bf16 where supported else fp16; None: on for CUDA
-    # (never used on other devices)
+    amp: bool | None = None  # CUDA autocast (kit.device.amp_dtype: bf16 on Ampere+, else fp16);
+    # None: on for CUDA (never used on other devices)
     workers: int = 1  # 0 reads in the calling thread, otherwise one reader thread with its own
     # Slide (strips are decoded in order, each column once; GDAL decodes with GDAL_THREADS)
     prefetch: int = 4  # batches read ahead of the predictor (bounds the queue's memory)
@@ -150,12 +165,13 @@ def resolve_config(cfg: InferConfig | None = None, **overrides) -> InferConfig:
 def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
     """The inference settings a kit checkpoint was trained and validated with.
 
-    Takes ``window``, ``scale``, ``overlap``, ``threshold`` and ``tta`` from the checkpoint's
-    ``config`` (missing ones keep `InferConfig`'s defaults), then applies ``overrides``; an
-    override of None is ignored, so command-line options can be passed through as they are.
+    Takes ``window``, ``scale``, ``overlap``, ``threshold``, ``tta`` and ``min_tissue`` (the
+    tissue rule its negatives were chosen by) from the checkpoint's ``config`` (missing ones
+    keep `InferConfig`'s defaults), then applies ``overrides``; an override of None is
+    ignored, so command-line options can be passed through as they are.
     """
     trained = checkpoint.get("config") or {}
-    names = ("window", "scale", "overlap", "threshold", "tta")
+    names = ("window", "scale", "overlap", "threshold", "tta", "min_tissue")
     base = {name: trained[name] for name in names if trained.get(name) is not None}
     given = {name: value for name, value in overrides.items() if value is not None}
     return resolve_config(InferConfig(**base), **given)
@@ -166,7 +182,12 @@ def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
 
 
 def predict_slide(
-    path: str | Path, predictor: Predictor, cfg: InferConfig | None = None, **overrides
+    path: str | Path,
+    predictor: Predictor,
+    cfg: InferConfig | None = None,
+    *,
+    on_progress: OnProgress | None = None,
+    **overrides,
 ) -> np.ndarray:
     """Binary mask of a whole slide.
 
@@ -174,6 +195,8 @@ def predict_slide(
         path: the slide's TIFF.
         predictor: float (N, 3, h, w) RGB in [0, 1] -> logits (N, 1, h, w).
         cfg: an `InferConfig`; ``overrides`` replace its fields (``scale=2, tta=True``).
+        on_progress: called with (tiles done, tiles in the plan), tiles skipped as
+            tissue-free counting as done: with 0 first, then after each column strip.
 
     Returns:
         uint8 (H, W) of 0/1: probability > ``cfg.threshold``.
@@ -182,48 +205,66 @@ def predict_slide(
     with Slide(path) as slide:
         height, width = slide.shape
     mask = np.zeros((height, width), np.uint8)
-    for cols, strip in iter_mask_strips(path, predictor, cfg):
+    for cols, strip in iter_mask_strips(path, predictor, cfg, on_progress=on_progress):
         mask[:, cols] = strip
     return mask
 
 
 def predict_slide_rle(
-    path: str | Path, predictor: Predictor, cfg: InferConfig | None = None, **overrides
+    path: str | Path,
+    predictor: Predictor,
+    cfg: InferConfig | None = None,
+    *,
+    on_progress: OnProgress | None = None,
+    **overrides,
 ) -> str:
     """The competition RLE of a slide's mask, encoded strip by strip (no full-size mask).
 
     Equals ``kit.rle.encode(predict_slide(path, predictor, cfg))``. Memory beyond the model: one
-    uint8 column strip (H x strip width), a batch of windows and the RLE itself.
+    uint8 column strip (H x strip width), a batch of windows and the RLE itself. ``on_progress``
+    as in `predict_slide`.
     """
     cfg = resolve_config(cfg, **overrides)
     with Slide(path) as slide:
         height = slide.shape[0]
     encoder = RleEncoder(height)
-    for _, strip in iter_mask_strips(path, predictor, cfg):
+    for _, strip in iter_mask_strips(path, predictor, cfg, on_progress=on_progress):
         encoder.add(strip)
     return encoder.finish()
 
 
 def iter_probability_strips(
-    path: str | Path, predictor: Predictor, cfg: InferConfig | None = None, **overrides
+    path: str | Path,
+    predictor: Predictor,
+    cfg: InferConfig | None = None,
+    *,
+    on_progress: OnProgress | None = None,
+    **overrides,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """Yield the slide's probabilities column strip by column strip, left to right.
 
     Each strip is the union of the cores of one column of windows; the strips partition the
     slide's columns. Tiles whose core shows no tissue (``cfg.tissue``, judged on the core
-    downscaled by ``cfg.scale``) give zeros and are never predicted.
+    downscaled by ``cfg.scale``) give zeros and are never predicted. ``on_progress(done,
+    total)`` is called with 0 of the plan's tiles first, then before each strip is yielded with
+    the tiles of the strips so far (skipped ones count); ``done == total`` with the last.
 
     Yields:
         (cols, probs): ``cols`` a slice of the slide's columns, ``probs`` float32 (H, width of
         cols) in [0, 1]. A new array each time: the consumer may keep it.
     """
     cfg = resolve_config(cfg, **overrides)
-    _check_predictor(predictor)
-    return _iter_strips(Path(path), predictor, cfg, binary=False)
+    _check_callables(predictor, on_progress)
+    return _iter_strips(Path(path), predictor, cfg, binary=False, on_progress=on_progress)
 
 
 def iter_mask_strips(
-    path: str | Path, predictor: Predictor, cfg: InferConfig | None = None, **overrides
+    path: str | Path,
+    predictor: Predictor,
+    cfg: InferConfig | None = None,
+    *,
+    on_progress: OnProgress | None = None,
+    **overrides,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """As `iter_probability_strips`, thresholded: uint8 (H, w) strips of 0/1.
 
@@ -231,8 +272,8 @@ def iter_mask_strips(
     windows whose probabilities are all far from the threshold are filled without upsampling.
     """
     cfg = resolve_config(cfg, **overrides)
-    _check_predictor(predictor)
-    return _iter_strips(Path(path), predictor, cfg, binary=True)
+    _check_callables(predictor, on_progress)
+    return _iter_strips(Path(path), predictor, cfg, binary=True, on_progress=on_progress)
 
 
 def upsample(probs: np.ndarray, scale: int, mode: str = "bilinear") -> np.ndarray:
@@ -301,12 +342,17 @@ def _linear_cols(x: np.ndarray, scale: int) -> np.ndarray:
 
 
 def _iter_strips(
-    path: Path, predictor: Predictor, cfg: InferConfig, binary: bool
+    path: Path,
+    predictor: Predictor,
+    cfg: InferConfig,
+    binary: bool,
+    on_progress: OnProgress | None = None,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """Column strips of probabilities (float32) or, with ``binary``, of the mask (uint8)."""
     with Slide(path) as slide:
         shape = slide.shape
     columns = list(_columns(plan(shape, cfg.window, cfg.overlap, align=cfg.scale)))
+    done, total = 0, sum(len(column) for column in columns)
     device = _resolve_device(predictor, cfg.device)
     reader = _read_batches(path, columns, cfg)
     # (tile, probabilities) of the predicted tiles, in plan order: the reader leaves out those
@@ -314,6 +360,8 @@ def _iter_strips(
     results = _predict_batches(reader, predictor, device, cfg)
     dtype = np.uint8 if binary else np.float32
     try:
+        if on_progress is not None:
+            on_progress(done, total)
         pending = next(results, None)
         for column in columns:
             cols = column[0].core[1]
@@ -323,6 +371,9 @@ def _iter_strips(
                 if pending is not None and pending[0] == tile:
                     _merge(strip, pending[1], tile, shape, cfg, binary)
                     pending = next(results, None)
+            done += len(column)
+            if on_progress is not None:
+                on_progress(done, total)
             yield cols, strip
     finally:
         results.close()
@@ -459,9 +510,11 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
-def _check_predictor(predictor) -> None:
+def _check_callables(predictor, on_progress) -> None:
     if not callable(predictor):
         raise ValueError(f"predictor must be callable, got {type(predictor).__name__}")
+    if on_progress is not None and not callable(on_progress):
+        raise ValueError(f"on_progress must be callable or None, got {on_progress!r}")
 
 
 def _resolve_device(predictor: Predictor, device: str | torch.device | None) -> torch.device:
@@ -484,11 +537,10 @@ def _resolve_device(predictor: Predictor, device: str | torch.device | None) -> 
 
 
 def _autocast(device: torch.device, enabled: bool):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    """Mixed precision on CUDA (`kit.device.amp_dtype`: bf16 on Ampere+, fp16 before); a no-op
+    elsewhere."""
+    dtype = amp_dtype(device, enabled)
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -643,20 +695,17 @@ def _read_band(slide: Slide, x0: int, x1: int, scale: int, unit: int, out: np.nd
 
 
 def _tissue(band: np.ndarray, column: Sequence[Tile], cfg: InferConfig) -> list[bool]:
-    """Per tile of a column: whether its core shows tissue, judged on the downscaled band.
-
-    A tile supplies only its core, so tissue in the rest of its window (context) does not
-    count: that tissue lies in a neighbour's core, and the neighbour predicts it. Each core is
-    tested on its own (a few hundred pixels a side), so the temporaries stay small.
+    """Per tile of a column: whether its core shows tissue (`kit.tiling.has_tissue`).
 
     Args:
-        band: uint8 (3, h, w) the column's windows downscaled by ``cfg.scale``.
+        band: uint8 (3, h, w) the column's windows downscaled by ``cfg.scale``, from slide
+            row 0 and column ``column[0].x0``.
     """
-    s, x0 = cfg.scale, column[0].x0
-    c0, c1 = (column[0].cx0 - x0) // s, -(-(column[0].cx1 - x0) // s)
-    keep = []
-    for t in column:
-        core = band[:, t.cy0 // s : -(-t.cy1 // s), c0:c1].transpose(1, 2, 0)
-        mask = tissue_mask(core, saturation=cfg.tissue_saturation)
-        keep.append(bool(mask.mean() > cfg.min_tissue))
-    return keep
+    fraction = tissue_fraction(
+        column,
+        band.transpose(1, 2, 0),
+        cfg.scale,
+        saturation=cfg.tissue_saturation,
+        origin=(0, column[0].x0),
+    )
+    return has_tissue(fraction, cfg.min_tissue).tolist()

@@ -15,6 +15,7 @@ import enum
 import hashlib
 import logging
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 import torchvision.models.segmentation as tvseg
 from torch import nn
+
+from kit.device import default_device
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +265,36 @@ def load_pretrained(model: SegmentationModel, path: str | os.PathLike) -> Weight
 
 
 def _torch_load(path: Path, what: str) -> Any:
-    """``torch.load`` on the CPU with ``weights_only=True``; errors name the file and ``what``."""
+    """``torch.load`` on the CPU with ``weights_only=True``; errors name the file and ``what``.
+
+    Torch's own message is not passed on: for a file holding arbitrary Python objects it
+    advises loading with ``weights_only=False``, which runs the file's code: the wrong advice
+    for a broken or untrusted file.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or non-torch files
-        raise ValueError(f"{path}: not a readable {what} ({err})") from err
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            why = "it holds Python objects other than tensors and plain containers"
+        else:
+            why = f"it is not a readable torch file ({type(err).__name__})"
+        raise ValueError(f"{path}: not a {what}: {why}. {_EXPECTED[what]}") from None
+
+
+# What each kind of file _torch_load reads should be, for its error messages.
+_EXPECTED = {
+    "checkpoint": (
+        f"A kit checkpoint is the best.pt or last.pt that `python -m kit train` writes: a dict "
+        f"(format {CHECKPOINT_FORMAT!r}, model_name, model_state, config, epoch, metrics) that "
+        "torch.load reads with weights_only=True."
+    ),
+    "weights file": (
+        "Pretrained weights are a torchvision .pth file: a state dict of tensors that torch.load "
+        "reads with weights_only=True."
+    ),
+}
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -356,9 +382,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device | None = None
 ) -> tuple[SegmentationModel, dict[str, Any]]:
     """Rebuild the model saved in a kit checkpoint: (model in eval mode on `device`, checkpoint).
+
+    ``device`` None: `kit.device.default_device()` (the GPU when there is one).
 
     An auxiliary head saved by training is dropped: inference does not use it.
     """
@@ -371,7 +399,28 @@ def load_model(
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path}: model_state does not fit {ckpt['model_name']} ({err})") from err
-    return model.to(device).eval(), ckpt
+    return model.to(device or default_device()).eval(), ckpt
+
+
+def find_checkpoint(roots: Iterable[str | os.PathLike]) -> Path | None:
+    """The one model under ``roots`` (e.g. the attached inputs); None when there is none.
+
+    A model is a folder holding ``best.pt`` (or only ``last.pt``): a run folder or a model
+    dataset from ``python -m kit export``. Nothing is guessed: with several models under the
+    roots, the caller must name one.
+
+    Raises:
+        ValueError: more than one model was found; the message lists them.
+    """
+    found: dict[Path, Path] = {}
+    for root in map(Path, roots):
+        for name in ("last.pt", "best.pt"):  # best.pt replaces last.pt in the same folder
+            for path in sorted(root.glob(f"**/{name}")) if root.is_dir() else ():
+                found[path.parent] = path
+    if len(found) > 1:
+        listed = "\n  ".join(str(p) for p in sorted(found.values()))
+        raise ValueError(f"{len(found)} models found, name the one to use:\n  {listed}")
+    return next(iter(found.values()), None)
 
 
 def _check_checkpoint(ckpt: Any, path: Path) -> None:
@@ -421,11 +470,6 @@ def _plain(value: Any, where: str) -> Any:
         items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     raise ValueError(f"{where}: cannot store a {type(value).__name__} in a checkpoint")
-
-
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"`` (for callers that must name one)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fingerprint(path: str | os.PathLike) -> str:

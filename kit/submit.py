@@ -28,9 +28,9 @@ from typing import TextIO
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from kit.infer import InferConfig, Predictor, predict_slide_rle, resolve_config
+from kit.progress import tile_bar
 from kit.rle import parse
 from kit.slides import Slide
 
@@ -47,7 +47,7 @@ def write_submission(
     out_csv: str | os.PathLike,
     cfg: InferConfig | None = None,
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     fingerprint: str | None = None,
 ) -> Path:
     """Predict every slide listed in ``data_dir/sample_submission.csv`` and write the CSV.
@@ -57,7 +57,8 @@ def write_submission(
         predictor: float (N, 3, h, w) RGB in [0, 1] -> logits (N, 1, h, w).
         out_csv: the file to write (``id,predicted``; an empty mask is an empty field).
         cfg: the `InferConfig` (default ``InferConfig()``).
-        progress: show a tqdm bar over the slides.
+        progress: a bar over each slide's tiles, ``predict {id} ({i}/{n})``; None: on a
+            terminal or in Jupyter, never into a log file (`kit.progress.show_progress`).
         fingerprint: what identifies the predictor's weights for resuming (e.g. a checkpoint's
             hash). Default: the predictor's ``fingerprint`` attribute, else for a module a hash
             of its parameters and buffers. Other callables without one are not resumed.
@@ -75,16 +76,15 @@ def write_submission(
     ids = read_ids(data_dir)
     paths = _test_paths(data_dir, ids)
     identity = _predictor_identity(predictor, fingerprint)
+    # Created by the first finished slide: a run that finishes none leaves nothing to resume.
     parts = out_csv.with_name(out_csv.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(ids, desc="predict", unit="slide", disable=not progress)
-    for slide_id in bar:
-        bar.set_postfix_str(slide_id)
+    for i, slide_id in enumerate(ids, 1):
         key = _slide_key(identity, cfg, paths[slide_id]) if identity is not None else None
         part = parts / f"{slide_id}.rle"
         if key is not None and _read_part(part, key) is not None:
             continue  # finished by an earlier, interrupted run
-        rle = predict_slide_rle(paths[slide_id], predictor, cfg)
+        with tile_bar(f"predict {slide_id} ({i}/{len(ids)})", progress) as advance:
+            rle = predict_slide_rle(paths[slide_id], predictor, cfg, on_progress=advance)
         _write_atomic(part, f"{key or '-'}\n{rle}\n")
     # Assembled from the parts, so an interrupted and resumed run writes the same bytes.
     with _atomic_writer(out_csv) as fh:

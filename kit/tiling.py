@@ -1,4 +1,4 @@
-"""Tiling plans for whole slides, and tissue detection on thumbnails to skip empty tiles.
+"""Tiling plans for whole slides, and the tissue rule: which tiles show tissue.
 
 A plan covers a slide with overlapping square windows. Each tile also owns a *core*: the part of
 the slide whose prediction it supplies when tiles are merged. Cores partition the slide (every
@@ -27,6 +27,11 @@ Example, n = 10, window = 4, overlap = 2 (``w`` window only, ``C`` core)::
 
 ``plan`` crosses two axes and orders tiles column strip by column strip (x outer, y inner) so a
 consumer can finish the slide's columns left to right, as the competition's RLE wants.
+
+The tissue rule (``tissue_fraction``, ``has_tissue``): a tile shows tissue when more than
+``min_tissue`` of its core's pixels, on the slide downscaled as the model sees it, pass
+``tissue_mask``. Inference predicts only those tiles, and training labels its negative windows
+"tissue" or "background" by the same rule.
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ from itertools import pairwise
 
 import cv2
 import numpy as np
+
+# The tissue rule's defaults, shared by kit.data.DataConfig and kit.infer.InferConfig: HSV
+# saturation (0..255) above which a pixel is tissue, and the share of a tile's core above which
+# the tile shows tissue (a few pixels: a core holding any tissue may hold a glomerulus).
+TISSUE_SATURATION = 40
+MIN_TISSUE = 0.001
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,7 @@ def plan(shape: tuple[int, int], window: int, overlap: int = 0, align: int = 1) 
 
 def tissue_mask(
     rgb_thumb: np.ndarray,
-    saturation: int = 40,
+    saturation: int = TISSUE_SATURATION,
     *,
     dark: int = 40,
     white: int = 220,
@@ -184,39 +195,70 @@ def tissue_mask(
     return mask
 
 
-def tissue_fraction(tiles: Sequence[Tile], tissue_mask: np.ndarray, thumb_scale: int) -> np.ndarray:
-    """Fraction of tissue pixels in each tile's window, measured on a thumbnail's mask.
+def tissue_fraction(
+    tiles: Sequence[Tile],
+    picture: np.ndarray,
+    scale: int,
+    *,
+    saturation: int = TISSUE_SATURATION,
+    origin: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """Share of tissue pixels in each tile's core: the measure of the tissue rule (``has_tissue``).
 
-    A window [y0, y1) maps to thumbnail rows [floor(y0 / s), ceil(y1 / s)) (exact when the
-    window is aligned to ``thumb_scale``); the part of it past the mask's edge counts as no
-    tissue, so a window hanging off the slide scores lower.
+    The core is seen as the predictor sees it, on the slide downscaled by ``scale``; a pixel is
+    tissue by ``tissue_mask`` with ``saturation``. The core, not the window, because a tile
+    supplies only its core's prediction: tissue in its margins lies in a neighbour's core.
+    Core [cy0, cy1) covers picture rows [floor(cy0 / s), ceil(cy1 / s)) (exact for a plan
+    aligned to ``scale``); a part of it past the picture counts as no tissue.
 
     Args:
         tiles: the tiles (any sequence of ``Tile``).
-        tissue_mask: bool or 0/1 (h, w) of the thumbnail, e.g. from ``tissue_mask``.
-        thumb_scale: the thumbnail's downscale factor (integer >= 1).
+        picture: uint8 (h, w, 3) RGB: the slide downscaled by ``scale`` (block means, as
+            ``Slide.thumbnail(scale)`` or ``Slide.read(..., scale)``), or a part of it.
+        scale: the picture's downscale factor (integer >= 1).
+        saturation: the HSV saturation threshold of ``tissue_mask`` (0..255).
+        origin: (y, x) full-resolution slide pixel at ``picture[0, 0]``, multiples of ``scale``.
 
     Returns:
         float64 (len(tiles),) in [0, 1].
     """
-    if not isinstance(thumb_scale, (int, np.integer)) or thumb_scale < 1:
-        raise ValueError(f"thumb_scale must be an integer >= 1, got {thumb_scale!r}")
-    mask = np.asarray(tissue_mask)
-    if mask.ndim != 2:
-        raise ValueError(f"tissue_mask must be 2-D (h, w), got shape {mask.shape}")
-    if len(tiles) == 0:
-        return np.zeros(0)
-    # Integral image with a zero row and column in front: sum of mask[a:b, c:d] is
-    # I[b, d] - I[a, d] - I[b, c] + I[a, c].
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    np.cumsum(np.cumsum(mask != 0, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
-    box = np.array([(t.y0, t.x0, t.y1, t.x1) for t in tiles], np.int64)
-    y0, x0 = box[:, 0] // thumb_scale, box[:, 1] // thumb_scale
-    y1, x1 = -(-box[:, 2] // thumb_scale), -(-box[:, 3] // thumb_scale)
-    area = (y1 - y0) * (x1 - x0)
-    if np.any(area <= 0):
-        raise ValueError("every tile window must be non-empty")
-    a, b = np.clip(y0, 0, mask.shape[0]), np.clip(y1, 0, mask.shape[0])
-    c, d = np.clip(x0, 0, mask.shape[1]), np.clip(x1, 0, mask.shape[1])
-    inside = integral[b, d] - integral[a, d] - integral[b, c] + integral[a, c]
-    return inside / area
+    if not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    if len(origin) != 2 or any(int(o) % scale for o in origin):
+        raise ValueError(f"origin must be (y, x) multiples of scale {scale}, got {origin!r}")
+    picture = np.asarray(picture)
+    if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
+        raise ValueError(f"picture must be uint8 (h, w, 3), got {picture.dtype} {picture.shape}")
+    oy, ox = origin[0] // scale, origin[1] // scale
+    fraction = np.zeros(len(tiles))
+    # One core at a time: cores partition the slide, so this reads the picture once and the
+    # temporaries stay the size of a core.
+    for i, t in enumerate(tiles):
+        if t.cy1 <= t.cy0 or t.cx1 <= t.cx0:
+            raise ValueError(f"tile {t} has an empty core")
+        y0, x0 = t.cy0 // scale - oy, t.cx0 // scale - ox
+        y1, x1 = -(-t.cy1 // scale) - oy, -(-t.cx1 // scale) - ox
+        core = picture[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)]
+        if core.size:
+            tissue = np.count_nonzero(tissue_mask(core, saturation))
+            fraction[i] = tissue / ((y1 - y0) * (x1 - x0))
+    return fraction
+
+
+def has_tissue(fraction: np.ndarray | float, min_tissue: float = MIN_TISSUE) -> np.ndarray:
+    """The kit's tissue rule: a tile shows tissue when its ``tissue_fraction`` > ``min_tissue``.
+
+    Inference predicts exactly these tiles (the others give 0 unseen) and training labels its
+    negative windows by the same rule, judged on the same pixels: "tissue" negatives are windows
+    inference would predict, "background" ones windows it would skip.
+
+    Args:
+        fraction: float, or float array, from ``tissue_fraction``.
+        min_tissue: the threshold in [0, 1) (strict: a fraction equal to it is no tissue).
+
+    Returns:
+        bool array of ``fraction``'s shape.
+    """
+    if not 0.0 <= min_tissue < 1.0:
+        raise ValueError(f"min_tissue must be in [0, 1), got {min_tissue!r}")
+    return np.asarray(fraction) > min_tissue

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,7 +36,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
 
 from kit.data import (
     DataConfig,
@@ -44,15 +44,18 @@ from kit.data import (
     eval_transforms,
     read_patients,
     seed_worker,
-    show_progress,
     split_slides,
     train_ids,
     train_transforms,
 )
+from kit.device import amp_dtype, rank_device
 from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore
 from kit.model import build_model, checkpoint_dict, read_checkpoint, save_checkpoint
+from kit.progress import progress_bar, show_progress
 
+# Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).
+DEFAULT_FOLDS = 4
 # Fields that change how a run executes but not what it computes: a resumed run may differ in them.
 RUNTIME_FIELDS = ("resume", "workers", "device", "progress", "cache_dir")
 HISTORY_FIELDS = (
@@ -78,14 +81,20 @@ class TrainConfig:
     # --- held-out slides: `valid` if given, else fold `fold` of a grouped k-fold
     valid: list[str] = field(default_factory=list)  # held-out slide ids
     fold: int = 0  # which fold to hold out (0-based)
-    n_folds: int = 4  # number of folds
-    group_by: str = "patient"  # "patient" (HuBMAP-20-dataset_information.csv) or "slide"
+    # Number of folds; None: DEFAULT_FOLDS, or one per group when there are fewer groups.
+    n_folds: int | None = None
+    # "patient" (HuBMAP-20-dataset_information.csv) or "slide"; None: by patient, or by slide
+    # when the training slides come from a single patient.
+    group_by: str | None = None
     # --- tiles (kit.data.DataConfig); window and scale are also the inference settings
     window: int = DataConfig.window  # full-resolution window side
     scale: int = DataConfig.scale  # downscale factor: the model sees window // scale pixels
     tile_overlap: int = DataConfig.overlap  # overlap of the training tile grid (full-res px)
     min_mask_fraction: float = DataConfig.min_mask_fraction  # glomerulus share of a positive
-    min_tissue_fraction: float = DataConfig.min_tissue_fraction  # tissue vs background negative
+    # The tissue rule (kit.tiling.has_tissue) of both the "tissue" vs "background" negatives and
+    # the tiles whole-slide inference predicts: one threshold, so the model learns on the windows
+    # inference shows it.
+    min_tissue: float = DataConfig.min_tissue
     tissue_share: float = DataConfig.tissue_share  # share of tissue-only negatives kept
     background_share: float = DataConfig.background_share  # share of background windows kept
     mask_source: str = DataConfig.mask_source  # "rle" (train.csv) or "json" (polygons)
@@ -121,8 +130,10 @@ class TrainConfig:
     resume: bool = True  # continue the run found in `out`; False: start it over
 
     def __post_init__(self) -> None:
-        if self.group_by not in ("patient", "slide"):
+        if self.group_by not in (None, "patient", "slide"):
             raise ValueError(f"group_by must be 'patient' or 'slide', got {self.group_by!r}")
+        if self.n_folds is not None and (isinstance(self.n_folds, bool) or self.n_folds < 2):
+            raise ValueError(f"n_folds must be an integer >= 2, got {self.n_folds!r}")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -136,7 +147,7 @@ class TrainConfig:
             scale=self.scale,
             overlap=self.tile_overlap,
             min_mask_fraction=self.min_mask_fraction,
-            min_tissue_fraction=self.min_tissue_fraction,
+            min_tissue=self.min_tissue,
             tissue_share=self.tissue_share,
             background_share=self.background_share,
             mask_source=self.mask_source,
@@ -153,6 +164,7 @@ class TrainConfig:
             overlap=self.overlap,
             threshold=self.threshold,
             tta=self.tta,
+            min_tissue=self.min_tissue,
             batch_size=self.infer_batch_size,
             device=str(device),
         )
@@ -227,7 +239,7 @@ def train_one_epoch(
     """One pass over ``loader``; returns the mean loss and the throughput in tiles/s."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch")
+    bar = progress_bar(loader, desc=desc, unit="batch", progress=progress, leave=False)
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -253,7 +265,8 @@ def evaluate(model, loader, criterion, *, device, amp_dtype, threshold=0.5, prog
     """Loss and Dice over all held-out tiles (pixels pooled, not a mean of per-tile Dice)."""
     model.eval()
     score, total, seen = DiceScore(), 0.0, 0
-    for images, masks in tqdm(loader, desc="valid", disable=not progress, leave=False):
+    bar = progress_bar(loader, desc="valid", unit="batch", progress=progress, leave=False)
+    for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
@@ -304,13 +317,15 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
         optimizer,
         lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio),
     )
-    amp_dtype = _amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    dtype = amp_dtype(device, cfg.amp)  # None: full precision
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history, best, start = [], {"slide_dice": -1.0, "epoch": 0}, 0
     if state is not None:
         ckpt, history = state
         best, start = _restore(ckpt, model, optimizer, scheduler, scaler), ckpt["epoch"]
-        ctx.print(f"resuming {run} after epoch {start} of {cfg.epochs}")
+        saved = ckpt.get("amp_dtype", "None")
+        switched = f" (saved with amp {saved}, now {dtype})" if saved != str(dtype) else ""
+        ctx.print(f"resuming {run} after epoch {start} of {cfg.epochs}{switched}")
     ctx.print(data.describe(device, ctx.world))
 
     for epoch in range(start + 1, cfg.epochs + 1):
@@ -319,13 +334,13 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row |= train_one_epoch(
             net, data.train_dl, criterion, optimizer, scheduler, scaler, device=device,
-            amp_dtype=amp_dtype, grad_clip=cfg.grad_clip, progress=data.progress,
+            amp_dtype=dtype, grad_clip=cfg.grad_clip, progress=data.progress,
             desc=f"epoch {epoch}/{cfg.epochs}",
         )  # fmt: skip
         row["train_loss"] = ctx.mean(row["train_loss"])
         if ctx.rank == 0:  # the others wait at the barrier while rank 0 validates and writes
             row |= evaluate(
-                model, data.valid_dl, criterion, device=device, amp_dtype=amp_dtype,
+                model, data.valid_dl, criterion, device=device, amp_dtype=dtype,
                 threshold=cfg.threshold, progress=data.progress,
             )  # fmt: skip
             row["slide_dice"] = math.nan
@@ -333,7 +348,7 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
                 row["slide_dice"] = _slide_dice(model, cfg, data.valid_ids, data.progress)
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
-            best = _save_epoch(run, cfg, history, best, model, optimizer, scheduler, scaler)
+            best = _save_epoch(run, cfg, history, best, model, optimizer, scheduler, scaler, dtype)
             ctx.print(_epoch_line(row, cfg.epochs))
         ctx.barrier()
 
@@ -356,15 +371,64 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
 
 def split(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """The run's (training, held-out) slide ids: ``cfg.valid``, else fold ``cfg.fold``."""
+    train, valid, _ = _split(cfg)
+    return train, valid
+
+
+def _split(cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
+    """`split` and the notes saying how unset fold settings were fitted to the data."""
     ids = train_ids(cfg.data_dir)
-    by_patient = cfg.group_by == "patient" and not cfg.valid
-    return split_slides(
-        ids,
-        valid=cfg.valid,
-        fold=cfg.fold,
-        n_folds=cfg.n_folds,
-        groups=read_patients(cfg.data_dir) if by_patient else None,
-    )
+    if cfg.valid:
+        return *split_slides(ids, valid=cfg.valid), []
+    patients = read_patients(cfg.data_dir) if cfg.group_by != "slide" else None
+    n_folds, groups, notes = fold_setup(ids, cfg.n_folds, cfg.group_by, patients)
+    return *split_slides(ids, fold=cfg.fold, n_folds=n_folds, groups=groups), notes
+
+
+def fold_setup(
+    ids: list[str],
+    n_folds: int | None,
+    group_by: str | None,
+    patients: Mapping[str, str] | None = None,
+) -> tuple[int, Mapping[str, str] | None, list[str]]:
+    """(number of folds, slide -> group or None for one group per slide, notes).
+
+    Settings left unset (None) are fitted to the data, each with a note for the run's log:
+    ``group_by`` falls back from patients to slides when all slides come from one patient, and
+    ``n_folds`` is ``DEFAULT_FOLDS``, or one fold per group when there are fewer groups. Settings
+    that were given and cannot be met raise ValueError (in `kit.data.group_folds`).
+
+    Args:
+        ids: the training slide ids.
+        patients: slide id -> patient (`kit.data.read_patients`); needed unless grouping by slide.
+    """
+    notes, groups = [], None
+    if group_by in (None, "patient"):
+        if patients is None:
+            raise ValueError("grouping by patient needs the slides' patients")
+        found = sorted({str(patients.get(i, f"slide {i}")) for i in ids})
+        if len(found) > 1 or group_by == "patient":
+            groups = patients
+        else:
+            notes.append(
+                f"all {len(ids)} training slides come from patient {found[0]}: folds hold out "
+                "slides instead of patients (group_by='slide')"
+            )
+    unit = "patient" if groups is not None else "slide"
+    count = len({str(groups.get(i, f"slide {i}")) for i in ids}) if groups else len(ids)
+    if count < 2:
+        raise ValueError(
+            f"cannot hold out a {unit}: the {len(ids)} training slide(s) come from one {unit}"
+            + (" (group_by='patient'; use 'slide' or give valid ids)" if groups else "")
+        )
+    if n_folds is None:
+        n_folds = min(DEFAULT_FOLDS, count)
+        if n_folds < DEFAULT_FOLDS:
+            notes.append(
+                f"{count} {unit}s to hold out: {n_folds} folds instead of {DEFAULT_FOLDS} "
+                "(n_folds not given)"
+            )
+    return n_folds, groups, notes
 
 
 def tile_caches(cfg: TrainConfig, ids: list[str], progress: bool | None = None) -> list[Path]:
@@ -392,7 +456,9 @@ class _Data:
 
     @classmethod
     def build(cls, cfg: TrainConfig, ctx: _Distributed) -> _Data:
-        train_slides, valid_slides = split(cfg)
+        train_slides, valid_slides, notes = _split(cfg)
+        for note in notes:  # the run's first lines: how unset fold settings fit the data
+            ctx.print(note)
         progress = show_progress(cfg.progress) and ctx.rank == 0
         # Rank 0 builds the caches; the others then find them complete instead of racing.
         if ctx.rank == 0:
@@ -427,16 +493,25 @@ def _build_model(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def _restore(ckpt: dict, model, optimizer, scheduler, scaler) -> dict:
-    """Load last.pt's states in place; return the best epoch so far."""
+    """Load last.pt's states in place; return the best epoch so far.
+
+    The run may resume in another precision (saved on a CPU or in bf16, resumed in fp16 on a
+    T4, or the reverse): a disabled scaler saves an empty state, which an enabled one cannot
+    load, so the scaler state is loaded only when there is one; an fp16 scaler then starts
+    from its default scale.
+    """
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer_state"])
     scheduler.load_state_dict(ckpt["scheduler_state"])
-    scaler.load_state_dict(ckpt["scaler_state"])
+    if ckpt.get("scaler_state") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler_state"])
     return {"slide_dice": ckpt["metrics"]["best_slide_dice"], "epoch": ckpt["best_epoch"]}
 
 
-def _save_epoch(run: Path, cfg, history, best, model, optimizer, scheduler, scaler) -> dict:
+def _save_epoch(run: Path, cfg, history, best, model, optimizer, scheduler, scaler, dtype) -> dict:
     """Write history.csv, best.pt when the whole-slide Dice improved, then last.pt.
+
+    last.pt records the autocast dtype (``dtype``, None for full precision) the run trained in.
 
     In this order, a crash between two writes costs at most the epoch: on resume, history rows
     after last.pt's epoch are dropped and that epoch runs again.
@@ -457,6 +532,7 @@ def _save_epoch(run: Path, cfg, history, best, model, optimizer, scheduler, scal
         optimizer_state=optimizer.state_dict(),
         scheduler_state=scheduler.state_dict(),
         scaler_state=scaler.state_dict(),
+        amp_dtype=str(dtype),
     )
     save_checkpoint(run / "last.pt", last)
     return best
@@ -601,11 +677,7 @@ class _Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local)
+        dev = rank_device(device, local, world)
         if world > 1 and not dist.is_initialized():
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
@@ -652,13 +724,6 @@ class _Distributed:
     def stop(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None off CUDA."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _seed_epoch(seed: int, rank: int, epoch: int, ds: TileDataset, sampler) -> None:

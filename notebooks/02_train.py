@@ -116,8 +116,8 @@ history
 # ## Whole-slide Dice on the held-out slides, and the threshold
 
 # %%
-model, checkpoint = load_model(result["best_path"], device=cfg.device or "cpu")
-infer_cfg = config_from_checkpoint(checkpoint, device=cfg.device or "cpu")
+model, checkpoint = load_model(result["best_path"], device=cfg.device)  # None: GPU if any
+infer_cfg = config_from_checkpoint(checkpoint)  # runs where the model is
 scores = evaluate_slides(env.data_dir, model, valid_ids, infer_cfg, keep_rle=True)
 print(format_report(scores.drop(columns="rle")))
 sweep = scores[[c for c in scores.columns if c.startswith("dice@")]].mean()

@@ -45,9 +45,10 @@ if importlib.util.find_spec("kit") is None:
 import pandas as pd
 
 from kit import eda, plots
-from kit.env import KAGGLE_INPUT, environment, find_files
+from kit.device import default_device
+from kit.env import KAGGLE_INPUT, environment
 from kit.infer import config_from_checkpoint
-from kit.model import default_device, fingerprint, load_model
+from kit.model import find_checkpoint, fingerprint, load_model
 from kit.slides import Slide
 from kit.submit import check_submission, write_submission
 from kit.train import fit, preset
@@ -57,7 +58,7 @@ from kit.train import fit, preset
 
 # %%
 env = environment()
-WEIGHTS = None  # a kit checkpoint; None: the newest best.pt in the inputs, then in env.out_dir
+WEIGHTS = None  # a kit checkpoint file; None: the one model attached under the inputs
 TTA = not env.synthetic  # flip test-time augmentation: 4x the compute, usually +0.002-0.005 Dice
 THRESHOLD = None  # None: the threshold the model was trained and validated with
 DEVICE = default_device()  # cuda when there is a GPU, else cpu
@@ -69,16 +70,20 @@ print(f"running on {env.kind} ({DEVICE}); data: {env.data_dir} ({env.data_source
 # ## The model
 
 # %%
-candidates = [Path(WEIGHTS)] if WEIGHTS else find_files("**/best.pt", (KAGGLE_INPUT, env.out_dir))
-if candidates:
-    weights = max(candidates, key=lambda p: p.stat().st_mtime)
-elif env.synthetic:
+# Exactly the model named, or the one attached: several attached models are an error that
+# lists them (set WEIGHTS). On the synthetic dataset, notebook 02's model, else a quick one.
+weights = Path(WEIGHTS) if WEIGHTS else find_checkpoint([KAGGLE_INPUT])
+notebook_02 = env.out_dir / "02_train" / "best.pt"
+if weights is None and env.synthetic and notebook_02.is_file():
+    weights = notebook_02
+elif weights is None and env.synthetic:
     print("No trained weights found: training a quick model on the synthetic dataset first.")
     quick = preset("quick", data_dir=str(env.data_dir), out=str(env.out_dir / "03_quick_model"))
     weights = fit(quick)["best_path"]
-else:
+elif weights is None:
     raise FileNotFoundError(
-        "no best.pt in the inputs: attach the model dataset made by `python -m kit export`"
+        f"no model under {KAGGLE_INPUT}: attach the model dataset made by `python -m kit "
+        "export`, or set WEIGHTS to a kit checkpoint"
     )
 model, checkpoint = load_model(weights, device=DEVICE)
 cfg = config_from_checkpoint(checkpoint, tta=TTA, threshold=THRESHOLD, device=DEVICE)

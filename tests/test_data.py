@@ -19,7 +19,6 @@ from kit.data import (
     group_folds,
     index_slide,
     mask_source,
-    rasterize_columns,
     read_patients,
     read_polygons,
     select_tiles,
@@ -28,13 +27,15 @@ from kit.data import (
     train_ids,
     train_transforms,
 )
+from kit.infer import InferConfig, predict_slide
 from kit.rle import decode
 from kit.slides import Slide
 from kit.synthetic import make_dataset
+from kit.tiling import has_tissue, plan, tissue_mask
 
 # Awkward sizes: neither the slide nor the grid stride divides evenly.
 SIZE = (470, 590)
-CFG = DataConfig(window=128, scale=2, overlap=40, thumb_scale=8)
+CFG = DataConfig(window=128, scale=2, overlap=40)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,9 @@ def test_index_labels_every_window_from_the_mask(dataset):
         if expected >= CFG.min_mask_fraction and expected > 0:
             assert row.kind == "positive"
         else:
-            assert row.kind == ("tissue" if row.tissue_fraction >= 0.05 else "background")
+            tissue = has_tissue(row.tissue_fraction, CFG.min_tissue)
+            assert row.kind == ("tissue" if tissue else "background")
+    assert set(index["kind"]) == {"positive", "tissue", "background"}
     assert (index["kind"] == "positive").any() and (index["kind"] != "positive").any()
 
 
@@ -212,33 +215,97 @@ def test_json_polygons_give_the_rle_masks(dataset, tmp_path):
     cfg = DataConfig(**{**CFG.__dict__, "mask_source": "json"})
     poly = build_tile_cache(dataset, slide_id, cfg, tmp_path, progress=False)
     a, b = np.load(rle / "masks.npy"), np.load(poly / "masks.npy")
-    assert a.shape == b.shape and a.sum() > 0
-    assert (a != b).mean() < 0.01
+    assert a.sum() > 0
+    np.testing.assert_array_equal(a, b)
 
 
-def test_read_polygons_and_rasterize_columns(tmp_path):
-    square = [[[10, 5], [20, 5], [20, 15], [10, 15], [10, 5]]]
+def test_json_masks_are_the_union_of_the_polygons_minus_their_holes(tmp_path):
+    def box(x0, y0, x1, y1):
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
     doc = [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square}},
+        # A polygon with a hole, and one overlapping it.
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [box(10, 5, 20, 15)]}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [box(18, 2, 26, 9)]}},
+        # A MultiPolygon, one part of which fills part of the first polygon's hole.
         {
             "type": "Feature",
-            "geometry": {"type": "MultiPolygon", "coordinates": [[[[30, 2], [34, 2], [32, 6]]]]},
+            "geometry": {
+                "type": "MultiPolygon",
+                "coordinates": [[box(30, 2, 34, 6)], [box(14, 8, 15, 10)]],
+            },
         },
         {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}},
     ]
-    path = tmp_path / "s.json"
+    doc[0]["geometry"]["coordinates"].append(box(12, 7, 16, 11))
+    (tmp_path / "train").mkdir()
+    path = tmp_path / "train" / "s.json"
     path.write_text(json.dumps(doc))
-    polygons = read_polygons(path)
-    assert len(polygons) == 2 and polygons[0].shape == (5, 2)
+
+    rings = read_polygons(path)
+    assert [r.shape for r in rings] == [(5, 2)] * 4  # exterior rings only
+    polygons = read_polygons(path, holes=True)
+    assert [len(p) for p in polygons] == [2, 1, 1, 1]
+    np.testing.assert_array_equal(polygons[0][1][0], [12, 7])
+
+    # Pixel (r, c) is foreground when its centre (c + 0.5, r + 0.5) is inside (kit.polygons).
     shape = (23, 41)
-    whole = rasterize_columns(polygons, shape, slice(0, 41))
-    assert whole[5:16, 10:21].all() and whole[:, :10].sum() == 0
-    assert whole[2, 31:34].all()
-    for cols in (slice(0, 12), slice(12, 31), slice(31, 41)):
-        np.testing.assert_array_equal(rasterize_columns(polygons, shape, cols), whole[:, cols])
+    expected = np.zeros(shape, np.uint8)
+    expected[5:15, 10:20] = 1
+    expected[7:11, 12:16] = 0  # the hole
+    expected[2:9, 18:26] = 1  # the overlap stays foreground
+    expected[2:6, 30:34] = 1
+    expected[8:10, 14:15] = 1  # a polygon inside the hole
+    strip, _ = mask_source(tmp_path, "s", shape, "json")
+    for cols in (slice(0, 41), slice(0, 12), slice(12, 31), slice(31, 41)):
+        np.testing.assert_array_equal(strip(cols), expected[:, cols])
     path.write_text('{"features": [{"geometry": 3}]}')
     with pytest.raises(ValueError, match="s.json"):
         read_polygons(path)
+
+
+def test_tissue_negatives_are_the_tiles_inference_predicts(tmp_path, write_tiff):
+    """One tissue rule: with the inference grid, a negative window is "tissue" exactly when
+    inference predicts that tile, and "background" exactly when inference skips it."""
+    shape = (190, 330)
+    rng = np.random.default_rng(0)
+    image = (235 + rng.integers(0, 6, (*shape, 3))).astype(np.uint8)  # bright grey glass
+    image[20:90, 200:300] = (200, 80, 160)  # a block of pink tissue
+    image[141:144, 61:64] = (200, 80, 160)  # a speck: a few tissue pixels at scale 2
+    path = write_tiff(tmp_path / "s.tiff", image)
+    window, overlap, scale = 64, 16, 2
+    cfg = DataConfig(window=window, scale=scale, overlap=overlap)
+    infer = InferConfig(window=window, overlap=overlap, scale=scale)
+    assert (cfg.min_tissue, cfg.tissue_saturation) == (infer.min_tissue, infer.tissue_saturation)
+
+    def no_glomeruli(cols):
+        return np.zeros((shape[0], cols.stop - cols.start), np.uint8)
+
+    def always_on(x):
+        return torch.full((x.shape[0], 1, *x.shape[2:]), 10.0)
+
+    index = index_slide(path, no_glomeruli, cfg, "s")
+    predicted = predict_slide(path, always_on, infer)  # 1 on the core of every predicted tile
+    tiles = plan(shape, window, overlap, align=scale)
+    assert len(index) == len(tiles)
+    for row, tile in zip(index.itertuples(), tiles, strict=True):
+        assert (row.y0, row.x0, row.y1, row.x1) == (tile.y0, tile.x0, tile.y1, tile.x1)
+        core = predicted[tile.core]
+        assert core.all() or not core.any()
+        assert row.kind == ("tissue" if core.all() else "background"), tile
+
+    # The rule is on the core, as the model sees it: the speck's tile is a tissue negative
+    # although tissue covers a tiny share of it, and tiles with tissue only in their margins
+    # (which lies in a neighbour's core) are background.
+    speck = index[(index.y0 <= 141) & (index.y1 >= 144) & (index.x0 <= 61) & (index.x1 >= 64)]
+    assert 0 < speck.loc[speck["kind"] == "tissue", "tissue_fraction"].max() < 0.05
+    seen = tissue_mask(image)
+    margin_only = [
+        row.kind == "background" and seen[max(row.y0, 0) : row.y1, max(row.x0, 0) : row.x1].any()
+        for row in index.itertuples()
+    ]
+    assert any(margin_only)
+    assert 0 < (index["kind"] == "tissue").sum() < len(index)
 
 
 def test_dataset_items_are_float_tensors(dataset, tmp_path):

@@ -24,7 +24,7 @@ from kit.infer import (
 )
 from kit.rle import encode
 from kit.slides import downscale
-from kit.tiling import Tile, plan, tissue_fraction, tissue_mask
+from kit.tiling import has_tissue, plan, tissue_fraction, tissue_mask
 
 
 def pointwise(x: torch.Tensor) -> torch.Tensor:
@@ -221,13 +221,14 @@ def test_tissue_skipping_zeroes_glass_and_never_predicts_it(tmp_path, write_tiff
 
     # Tissue is judged on each tile's core as the predictor sees it: downscaled by the scale.
     tiles = plan(image.shape[:2], 64, 16, align=2)
-    low = tissue_mask(downscale(image, 2), saturation=40)
-    cores = [Tile(t.cy0, t.cx0, t.cy1, t.cx1, t.cy0, t.cx0, t.cy1, t.cx1) for t in tiles]
-    fraction = tissue_fraction(cores, low, 2)
-    kept = [t for t, f in zip(tiles, fraction, strict=True) if f > cfg.min_tissue]
-    window_fraction = tissue_fraction(tiles, low, 2)
+    low = downscale(image, 2)
+    keep = has_tissue(tissue_fraction(tiles, low, 2), cfg.min_tissue)
+    kept = [t for t, k in zip(tiles, keep, strict=True) if k]
     # Tiles with tissue only in their window's margin, not in their core, are skipped too.
-    assert 0 < len(kept) < (window_fraction > cfg.min_tissue).sum() < len(tiles)
+    in_window = [
+        tissue_mask(low[t.y0 // 2 : t.y1 // 2, t.x0 // 2 : t.x1 // 2]).any() for t in tiles
+    ]
+    assert 0 < len(kept) < sum(in_window) < len(tiles)
     expected = np.zeros(image.shape[:2], np.uint8)
     for t in kept:
         expected[t.core] = 1
@@ -360,9 +361,11 @@ def test_sigmoid_is_stable_and_matches_torch():
 def test_config_from_checkpoint_takes_training_settings_then_overrides():
     from kit.infer import config_from_checkpoint
 
-    ckpt = {"config": {"window": 512, "scale": 2, "overlap": 64, "threshold": 0.4, "lr": 1e-3}}
+    trained = {"window": 512, "scale": 2, "overlap": 64, "threshold": 0.4, "min_tissue": 0.02}
+    ckpt = {"config": {**trained, "lr": 1e-3}}
     cfg = config_from_checkpoint(ckpt, threshold=None, tta=True, batch_size=3)
     assert (cfg.window, cfg.scale, cfg.overlap, cfg.threshold) == (512, 2, 64, 0.4)
+    assert cfg.min_tissue == 0.02  # the tissue rule the model's negatives were chosen by
     assert cfg.tta and cfg.batch_size == 3
     assert config_from_checkpoint({}).window == InferConfig().window
     with pytest.raises(ValueError, match="overlap"):

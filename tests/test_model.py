@@ -15,6 +15,7 @@ from kit.model import (
     SegmentationModel,
     build_model,
     checkpoint_dict,
+    find_checkpoint,
     find_weights,
     load_model,
     load_pretrained,
@@ -219,7 +220,7 @@ def test_files_that_are_not_weights_are_named(tmp_path):
     wrong_backbone = tmp_path / "resnet18.pth"
     torch.save(tvm.resnet18().state_dict(), wrong_backbone)
     for path, message in [
-        (garbage, "not a readable"),
+        (garbage, "not a weights file: it is not a readable torch file"),
         (not_state, "not a state dict"),
         (unrelated, "no tensor matches"),
         (wrong_backbone, "no tensor matches"),
@@ -326,8 +327,18 @@ def test_load_model_errors_name_the_file(tmp_path):
         load_model(tmp_path / "missing.pt")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 100)
-    with pytest.raises(ValueError, match="garbage.pt.*not a readable"):
+    with pytest.raises(ValueError, match="garbage.pt: not a checkpoint: it is not a readable"):
         load_model(garbage)
+    # A pickled object: torch advises weights_only=False (runs the file's code); the kit must
+    # say what the file is not and what a checkpoint is instead.
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": build_model("lraspp_mobilenet_v3_large")}, pickled)
+    with pytest.raises(ValueError) as caught:
+        load_model(pickled)
+    message = str(caught.value)
+    assert message.startswith(f"{pickled}: not a checkpoint: it holds Python objects")
+    assert "python -m kit train" in message and "hubmap-kit/1" in message
+    assert "weights_only=False" not in message and caught.value.__cause__ is None
     plain = tmp_path / "plain.pt"
     torch.save(build_model("lraspp_mobilenet_v3_large").state_dict(), plain)
     with pytest.raises(ValueError, match="plain.pt.*not a kit checkpoint"):
@@ -356,3 +367,19 @@ def test_fingerprint_follows_the_bytes(tmp_path):
     assert len(fingerprint(a)) == 16
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         fingerprint(tmp_path / "missing.pt")
+
+
+def test_find_checkpoint_takes_the_one_model_and_never_guesses(tmp_path):
+    assert find_checkpoint([tmp_path / "absent", tmp_path]) is None
+    run = tmp_path / "input" / "my-model"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"x")
+    assert find_checkpoint([tmp_path / "input"]) == run / "last.pt"
+    (run / "best.pt").write_bytes(b"x")  # a run folder: its best.pt is the model
+    assert find_checkpoint([tmp_path / "input"]) == run / "best.pt"
+    other = tmp_path / "input" / "old-run" / "nested"
+    other.mkdir(parents=True)
+    (other / "best.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="2 models found") as caught:
+        find_checkpoint([tmp_path / "input"])
+    assert str(run / "best.pt") in str(caught.value) and str(other / "best.pt") in str(caught.value)

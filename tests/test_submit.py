@@ -95,6 +95,15 @@ def test_failed_run_keeps_the_previous_file_then_resumes_to_the_same_bytes(data_
     assert not (tmp_path / "sub.csv.parts").exists()
 
 
+def test_a_run_that_finishes_no_slide_leaves_nothing_behind(data_dir, tmp_path):
+    # The first slide's TIFF is cut short: the run fails before any slide is done.
+    first = data_dir / "test" / f"{IDS[0]}.tiff"
+    first.write_bytes(first.read_bytes()[:300])
+    with pytest.raises(ValueError, match=IDS[0]):
+        write_submission(data_dir, Counting(), tmp_path / "sub.csv", CFG, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def test_parts_from_another_predictor_or_config_are_not_reused(data_dir, tmp_path):
     out = tmp_path / "sub.csv"
     with pytest.raises(RuntimeError):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kit.slides import downscale
-from kit.tiling import Tile, plan, plan_axis, tissue_fraction, tissue_mask
+from kit.tiling import MIN_TISSUE, Tile, has_tissue, plan, plan_axis, tissue_fraction, tissue_mask
 
 
 @st.composite
@@ -182,37 +182,58 @@ def test_tissue_mask_rejects_bad_input():
         tissue_mask(np.zeros((4, 4, 3), np.float32))
 
 
-def test_tissue_fraction_known_fractions():
-    mask = tissue_mask(synthetic_thumb())  # 40 x 60 at thumb scale 4 -> slide 160 x 240
-    tiles = plan((160, 240), window=80, overlap=0, align=4)
-    fractions = tissue_fraction(tiles, mask, thumb_scale=4)
-    # Windows are 20 x 20 thumbnail pixels; x outer, y inner.
-    by_corner = {(t.y0 // 4, t.x0 // 4): f for t, f in zip(tiles, fractions, strict=True)}
-    assert by_corner == {
-        (0, 0): pytest.approx(10 * 20 / 400),  # pink rows 5..15
-        (20, 0): 0.0,
-        (0, 20): 0.0,
-        (20, 20): pytest.approx(20 * 10 / 400),  # purple cols 20..30
-        (0, 40): 0.0,  # glass and black padding
-        (20, 40): 0.0,
-    }
-    assert fractions.dtype == np.float64 and fractions.shape == (6,)
+def test_tissue_fraction_measures_each_core_not_its_window():
+    picture = synthetic_thumb()  # 40 x 60 at scale 4 -> slide 160 x 240
+    tiles = plan((160, 240), window=80, overlap=40, align=4)
+    fractions = tissue_fraction(tiles, picture, scale=4)
+    assert fractions.dtype == np.float64 and fractions.shape == (15,)
+    # Cores in picture pixels: rows [0, 15), [15, 25), [25, 40); cols [0, 15), [15, 25),
+    # [25, 35), [35, 45), [45, 60). Pink: rows 5..15, cols 0..20; purple: rows 20..40, cols 20..30.
+    by_core = {(t.cy0 // 4, t.cx0 // 4): f for t, f in zip(tiles, fractions, strict=True)}
+    expected = dict.fromkeys(by_core, 0.0)
+    expected.update(
+        {
+            (0, 0): 10 * 15 / 225,
+            (0, 15): 10 * 5 / 150,
+            (15, 15): 5 * 5 / 100,
+            (15, 25): 5 * 5 / 100,
+            (25, 15): 15 * 5 / 150,
+            (25, 25): 15 * 5 / 150,
+        }
+    )
+    assert by_core == pytest.approx(expected)
+    # Pink lies in this tile's window (rows [10, 30) of the picture), not in its core.
+    assert by_core[(15, 0)] == 0.0
+    # A part of the picture starting at slide column 60 gives its tiles the same fractions.
+    part = [i for i, t in enumerate(tiles) if 60 <= t.cx0 and t.cx1 <= 140]
+    crop = tissue_fraction([tiles[i] for i in part], picture[:, 15:35], 4, origin=(0, 60))
+    np.testing.assert_array_equal(crop, fractions[part])
 
 
 def test_tissue_fraction_counts_outside_as_no_tissue_and_rounds_outwards():
-    mask = np.ones((10, 10), bool)
+    picture = np.full((10, 10, 3), PINK, np.uint8)
     tiles = [
-        Tile(0, 0, 40, 40, 0, 0, 40, 40),  # thumb [0, 10) x [0, 10): all tissue
-        Tile(20, 20, 60, 60, 20, 20, 40, 40),  # thumb [5, 15)^2: a quarter inside
-        Tile(-8, 0, 12, 40, 0, 0, 12, 40),  # thumb [-2, 3) x [0, 10): 3 of 5 rows inside
-        Tile(2, 2, 6, 6, 2, 2, 6, 6),  # unaligned: thumb [0, 2) x [0, 2)
+        Tile(0, 0, 40, 40, 0, 0, 40, 40),  # core: picture [0, 10) x [0, 10), all tissue
+        Tile(0, 0, 80, 80, 20, 20, 60, 60),  # core: picture [5, 15)^2, a quarter inside
+        Tile(0, 0, 8, 8, 2, 2, 6, 6),  # unaligned core: picture [0, 2) x [0, 2)
         Tile(100, 100, 140, 140, 100, 100, 140, 140),  # entirely outside
     ]
-    np.testing.assert_allclose(
-        tissue_fraction(tiles, mask, thumb_scale=4), [1.0, 0.25, 0.6, 1.0, 0.0]
-    )
-    assert tissue_fraction([], mask, 4).shape == (0,)
-    with pytest.raises(ValueError, match="thumb_scale"):
-        tissue_fraction(tiles, mask, 0)
-    with pytest.raises(ValueError, match="2-D"):
-        tissue_fraction(tiles, np.ones((2, 2, 3)), 4)
+    np.testing.assert_allclose(tissue_fraction(tiles, picture, scale=4), [1.0, 0.25, 1.0, 0.0])
+    assert tissue_fraction([], picture, 4).shape == (0,)
+    with pytest.raises(ValueError, match="scale"):
+        tissue_fraction(tiles, picture, 0)
+    with pytest.raises(ValueError, match="origin"):
+        tissue_fraction(tiles, picture, 4, origin=(0, 6))
+    with pytest.raises(ValueError, match="uint8"):
+        tissue_fraction(tiles, picture[..., 0], 4)
+    with pytest.raises(ValueError, match="empty core"):
+        tissue_fraction([Tile(0, 0, 4, 4, 2, 2, 2, 4)], picture, 4)
+
+
+def test_has_tissue_is_strict_and_defaults_to_the_shared_threshold():
+    fractions = np.array([0.0, MIN_TISSUE, np.nextafter(MIN_TISSUE, 1), 0.5])
+    np.testing.assert_array_equal(has_tissue(fractions), [False, False, True, True])
+    np.testing.assert_array_equal(has_tissue(fractions, 0.0), [False, True, True, True])
+    assert has_tissue(0.2, 0.3).shape == () and not has_tissue(0.2, 0.3)
+    with pytest.raises(ValueError, match="min_tissue"):
+        has_tissue(fractions, 1.0)
