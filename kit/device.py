@@ -12,12 +12,65 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["amp_dtype", "default_device", "native_bf16", "rank_device"]
+__all__ = ["amp_dtype", "check_gpu", "default_device", "has_kernels", "native_bf16", "rank_device"]
 
 
 def default_device() -> torch.device:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``cuda`` when a GPU is visible, else ``cpu``.
+
+    Raises:
+        ValueError: the GPU is one this torch build has no kernels for (`check_gpu`).
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda")
+    check_gpu(device)
+    return device
+
+
+def has_kernels(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build compiled for ``arch_list`` (e.g. ``["sm_70", "sm_75", "compute_90"]``)
+    runs on a GPU of compute capability ``capability``.
+
+    A cubin for sm_XY runs on X.Z for Z >= Y (same major version); PTX for compute_XY is compiled
+    at load time for any capability >= X.Y.
+    """
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if kind == "compute" and built <= tuple(capability):
+            return True
+    return False
+
+
+def check_gpu(
+    device: str | torch.device,
+    capability: tuple[int, int] | None = None,
+    arch_list: list[str] | None = None,
+    name: str | None = None,
+) -> None:
+    """Refuse a GPU this torch build has no kernels for, naming the card and the build's archs.
+
+    Without this, such a GPU (a P100, 6.0, under the cu128 builds of Kaggle's image) passes
+    ``torch.cuda.is_available()`` and fails at the first convolution with "no kernel image is
+    available for execution on the device". The keyword arguments default to what torch reports.
+    """
+    device = torch.device(device)
+    capability = capability or torch.cuda.get_device_capability(device)
+    arch_list = torch.cuda.get_arch_list() if arch_list is None else arch_list
+    if has_kernels(capability, arch_list):
+        return
+    name = name or torch.cuda.get_device_name(device)
+    raise ValueError(
+        f"{device} is a {name} (compute capability {capability[0]}.{capability[1]}), but this "
+        f"torch {torch.__version__} has kernels only for {' '.join(arch_list) or 'no GPU'}: "
+        "run on the CPU (device='cpu', --device cpu), install a torch built for this GPU, or on "
+        "Kaggle ask for a T4 (machine_shape 'NvidiaTeslaT4' in kernel-metadata.json)"
+    )
 
 
 def native_bf16(capability: tuple[int, int]) -> bool:
@@ -62,6 +115,7 @@ def rank_device(
         ValueError: the rank's GPU does not exist (e.g. two ranks on a one-GPU machine), naming
             the ranks and the GPUs found.
     """
+    real = gpus is None  # a count given by the caller (tests) describes no real GPU to check
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if device is None:
         device = "cuda" if gpus > 0 else "cpu"
@@ -81,4 +135,6 @@ def rank_device(
             f"start at most {gpus} processes (torchrun --nproc_per_node {max(gpus, 1)}) "
             "or pass --device cpu"
         )
+    if real:
+        check_gpu(dev)
     return dev

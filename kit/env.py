@@ -130,6 +130,45 @@ def environment(out_dir: str | os.PathLike | None = None) -> Environment:
     return Environment(kind=kind, data_dir=data_dir, data_source=source, out_dir=out)
 
 
+# The third-party modules the kit imports -> what provides them (tests/test_env.py keeps this
+# list complete by reading the kit's imports).
+DEPENDENCIES = {
+    "numpy": "numpy",
+    "pandas": "pandas",
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "albumentations": "albumentations",
+    "cv2": "OpenCV (installed with albumentations)",
+    "rasterio": "rasterio",
+    "tifffile": "tifffile",
+    "numba": "numba",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+}
+
+
+def check_imports(modules: dict[str, str] | None = None) -> None:
+    """Import every dependency of the kit; ImportError listing each that fails, and why.
+
+    The notebooks call this right after installing the kit: an offline ``pip install`` can
+    succeed and a module still fail to import (a library built for another numpy, a missing
+    shared library), and the failure should surface here, named, not in the middle of a run.
+
+    Args:
+        modules: module -> what provides it; default `DEPENDENCIES`.
+    """
+    import importlib
+
+    failed = []
+    for module, provider in (DEPENDENCIES if modules is None else modules).items():
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # ImportError, or whatever a broken extension raises
+            failed.append(f"{module} (from {provider}): {type(err).__name__}: {err}")
+    if failed:
+        raise ImportError("the kit's dependencies do not import:\n  " + "\n  ".join(failed))
+
+
 def find_files(pattern: str, roots: tuple[Path, ...] = (KAGGLE_INPUT,)) -> list[Path]:
     """All files matching ``pattern`` (a glob, e.g. ``"**/best.pt"``) under the given roots."""
     hits: list[Path] = []

@@ -80,6 +80,14 @@ KERNEL_KEYS = frozenset(
 )
 KERNEL_BOOLEANS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
 KERNEL_TYPES = ("notebook", "script")
+# The accelerators `machine_shape` (or `kaggle kernels push --accelerator`) names, as the kaggle
+# CLI documents them. NvidiaTeslaT4 is "GPU T4 x2"; without a machine_shape a GPU kernel may land on
+# a P100, for which the image's torch (a cu128 build: sm_70 and newer) has no kernels.
+GPU_SHAPES = ("NvidiaTeslaT4", "NvidiaTeslaP100")
+TPU_SHAPES = ("TpuV5E8", "Tpu1VmV38")
+UNUSABLE_SHAPES = {
+    "NvidiaTeslaP100": "a P100 (sm_60): the Kaggle image's torch has no kernels for it"
+}
 PINNING_TYPES = ("original", "latest")
 
 _SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -211,6 +219,7 @@ def _kernel_problems(meta: Mapping[str, Any], folder: Path) -> list[str]:
             problems.append(f"{key}: must be true or false, got {meta[key]!r}")
     if meta.get("enable_gpu") is True and meta.get("enable_tpu") is True:
         problems.append("enable_tpu: cannot be true with enable_gpu (one accelerator per kernel)")
+    problems += _machine_shape_problems(meta)
     for key, check in (
         ("dataset_sources", lambda s: _ref_problem(s, max_parts=3)),
         ("kernel_sources", lambda s: _ref_problem(s, min_slug=5, max_parts=3)),
@@ -225,6 +234,26 @@ def _kernel_problems(meta: Mapping[str, Any], folder: Path) -> list[str]:
             f"docker_image_pinning_type: must be one of {list(PINNING_TYPES)}, got {pinning!r}"
         )
     return problems
+
+
+def _machine_shape_problems(meta: Mapping[str, Any]) -> list[str]:
+    """A GPU kernel must name a GPU the Kaggle image's torch can run on."""
+    shape = meta.get("machine_shape")
+    if meta.get("enable_gpu") is True and meta.get("enable_tpu") is True:
+        return []  # reported under enable_tpu: which accelerator is meant is unclear
+    if shape is None:
+        if meta.get("enable_gpu") is True:
+            return [
+                "machine_shape: not set with enable_gpu: Kaggle may then give the kernel a P100, "
+                "for which the image's torch has no kernels; set 'NvidiaTeslaT4'"
+            ]
+        return []
+    known = TPU_SHAPES if meta.get("enable_tpu") is True else GPU_SHAPES
+    if shape not in known:
+        return [f"machine_shape: must be one of {list(known)} here, got {shape!r}"]
+    if shape in UNUSABLE_SHAPES:
+        return [f"machine_shape: {shape!r} is {UNUSABLE_SHAPES[shape]}; use 'NvidiaTeslaT4'"]
+    return []
 
 
 def _code_file_problems(code_file: Any, folder: Path, kernel_type: Any) -> list[str]:

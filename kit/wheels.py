@@ -59,20 +59,12 @@ KAGGLE_MARKERS = {
     "platform_machine": "x86_64",
     "os_name": "posix",
 }
-# The kit's dependencies the Kaggle image already has (DOMAIN.md): never shipped as wheels.
-# opencv-python-headless comes with albumentations 2, which requires it.
+# The distributions the Kaggle image is known to hold (DOMAIN.md), by the exact name pip matches
+# requirements against: never shipped as wheels. OpenCV is left out on purpose: cv2 is in the
+# image, but under which distribution name (opencv-python, -headless, -contrib) is not known, so
+# the kit must not require any of them by name (it arrives with albumentations).
 KAGGLE_IMAGE = frozenset(
-    {
-        "numpy",
-        "pandas",
-        "torch",
-        "torchvision",
-        "albumentations",
-        "opencv-python-headless",
-        "numba",
-        "tqdm",
-        "matplotlib",
-    }
+    {"numpy", "pandas", "torch", "torchvision", "albumentations", "numba", "tqdm", "matplotlib"}
 )
 
 _PIN = re.compile(r"([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)")

@@ -39,6 +39,10 @@ if importlib.util.find_spec("kit") is None:
             raise FileNotFoundError(f"kit is not installed and no hubmap_kit wheel is under {root}")
         pip = ["install", "-q", "--no-index", "--find-links", str(wheels[-1].parent), "hubmap-kit"]
     subprocess.run([sys.executable, "-m", "pip", *pip], check=True)
+    importlib.invalidate_caches()
+# Fail here, naming the module, if an installed dependency does not import (pip can succeed
+# where an import then fails: a library built for another numpy, a missing shared library).
+importlib.import_module("kit.env").check_imports()
 
 # %%
 import pandas as pd

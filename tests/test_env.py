@@ -74,3 +74,30 @@ def test_find_files(tmp_path):
     assert env.find_files("**/best.pt", (tmp_path, tmp_path / "missing")) == [
         tmp_path / "a" / "b" / "best.pt"
     ]
+
+
+def test_check_imports_names_each_module_that_fails():
+    env.check_imports()  # this environment has them all
+    with pytest.raises(ImportError) as caught:
+        env.check_imports({"json": "stdlib", "no_such_module_x1": "nothing", "no_such_y2": "no"})
+    lines = str(caught.value).splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["no_such_module_x1", "no_such_y2"]
+    assert "(from nothing): ModuleNotFoundError" in lines[0]
+
+
+def test_every_third_party_import_of_the_kit_is_checked():
+    import ast
+    import sys
+    from pathlib import Path
+
+    kit_dir = Path(env.__file__).parent
+    imported = set()
+    for path in kit_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"kit", "__future__"}
+    # packaging and jupytext-free: what the wheel builder uses is a pip dependency, always there.
+    assert third_party - {"packaging"} == set(env.DEPENDENCIES)

@@ -47,6 +47,7 @@ def good_kernel(user: str = "alice") -> dict:
         "enable_gpu": True,
         "enable_tpu": False,
         "enable_internet": False,
+        "machine_shape": "NvidiaTeslaT4",
         "dataset_sources": [f"{user}/hubmap-kit-wheels", f"{user}/hubmap-kit-model"],
         "competition_sources": [COMPETITION],
         "kernel_sources": [],
@@ -94,6 +95,7 @@ def test_repository_kernel_metadata_is_ready_to_push(repo):
     assert meta["code_file"] == NOTEBOOK
     assert meta["is_private"] is True and meta["enable_gpu"] is True
     assert meta["enable_internet"] is False and meta["enable_tpu"] is False
+    assert meta["machine_shape"] == "NvidiaTeslaT4"
     assert meta["competition_sources"] == [COMPETITION]
     assert meta["id"] == f"{user}/hubmap-kit-submission"
     wheel_files = json.loads((ROOT / "wheels" / kaggle.DATASET_METADATA).read_text())
@@ -143,6 +145,9 @@ def test_good_kernel_metadata_has_no_problems(kernel_dir):
         ({"competition_sources": ["HuBMAP Kidney"]}, "competition_sources"),
         ({"keywords": "gpu"}, "keywords"),
         ({"docker_image_pinning_type": "newest"}, "docker_image_pinning_type"),
+        ({"machine_shape": None}, "machine_shape"),  # a GPU kernel may land on a P100
+        ({"machine_shape": "NvidiaTeslaP100"}, "machine_shape"),  # no sm_60 kernels in torch
+        ({"machine_shape": "NvidiaTeslaT4x2"}, "machine_shape"),  # not a documented value
         ({"enable_internets": False}, "enable_internets"),  # a typo the CLI would ignore
     ],
 )
@@ -371,6 +376,18 @@ def test_every_dependency_is_in_the_image_or_the_wheelhouse():
         else:
             assert key in wheels.KAGGLE_IMAGE, f"{dep.name}: neither in the image nor pinned"
     assert {"rasterio", "tifffile"} <= set(pins)
+
+
+def test_opencv_is_required_by_no_distribution_name_of_the_kits_own():
+    """cv2 comes with albumentations; the image may hold it as opencv-python or -contrib, and an
+    offline install fails on a requirement named otherwise than the installed distribution."""
+    from packaging.requirements import Requirement
+
+    deps = [Requirement(r).name for r in importlib.metadata.requires(wheels.KIT_DISTRIBUTION)]
+    assert not [d for d in deps if d.lower().startswith("opencv")], deps
+    assert not [d for d in wheels.KAGGLE_IMAGE if d.startswith("opencv")]
+    albumentations = [Requirement(r).name for r in importlib.metadata.requires("albumentations")]
+    assert any(d.startswith("opencv") for d in albumentations)  # so cv2 is still installed
 
 
 def test_read_requirements_accepts_only_exact_pins(tmp_path):
