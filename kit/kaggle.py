@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kit import atomic
 from kit.env import COMPETITION
 
 KERNEL_METADATA = "kernel-metadata.json"
@@ -366,7 +367,7 @@ def write_user(name: str, root: str | os.PathLike | None = None) -> Path:
         "# kernel-metadata.json and wheels/dataset-metadata.json. Not a credential.\n"
         f"{name}\n"
     )
-    _write_text(path, text)
+    atomic.write_text(path, text)
     return path
 
 
@@ -448,11 +449,12 @@ def fill_metadata(
     if user != previous or not (root / USER_FILE).is_file():
         write_user(user, root)
     for path, meta in updated:
-        _write_json(path, meta)
+        atomic.write_json(path, meta)
     return [path for path, _ in updated]
 
 
-def _size(path: Path) -> str:
+def file_size(path: Path) -> str:
+    """The size of the file ``path`` in megabytes, as shown in logs ("12.3 MB")."""
     return f"{path.stat().st_size / 1e6:.1f} MB"
 
 
@@ -522,8 +524,8 @@ def export_model(
         for name in RUN_FILES:
             if (run / name).is_file():
                 shutil.copy2(run / name, staging / name)
-        _write_json(staging / DATASET_METADATA, meta)
-        _swap_in(staging, out)
+        atomic.write_json(staging / DATASET_METADATA, meta)
+        atomic.swap_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -538,38 +540,6 @@ def _check_replaceable(out: Path) -> None:
             f"{out} is not empty and holds no {DATASET_METADATA} (not a previous export): "
             "choose another --out"
         )
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Rename the finished `staging` folder to `out`, replacing a previous `out` as a whole."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write `text` atomically: a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, document: Mapping[str, Any]) -> None:
-    _write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------- command line
@@ -609,7 +579,7 @@ def run_export(args: argparse.Namespace) -> None:
     )
     meta = json.loads((out / DATASET_METADATA).read_text())
     for path in sorted(out.iterdir()):
-        print(f"  {path.name} ({_size(path)})")
+        print(f"  {path.name} ({file_size(path)})")
     print(f"model dataset {meta['id']}: {out}")
     kernel = root / KERNEL_METADATA
     if kernel.is_file():

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.models as tvm
 import torchvision.models.segmentation as tvseg
 from torch import nn
 
+from kit import atomic
 from kit.device import default_device
 
 log = logging.getLogger(__name__)
@@ -68,11 +67,6 @@ class SegmentationModel(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.weights_report: WeightsReport | None = None
 
-    @property
-    def aux(self) -> bool:
-        """Whether the network carries an auxiliary head (used only by `forward_with_aux`)."""
-        return getattr(self.net, "aux_classifier", None) is not None
-
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) RGB in [0, 1] -> ImageNet-normalised input of the torchvision network."""
         if x.ndim != 4 or x.shape[1] != 3:
@@ -80,19 +74,8 @@ class SegmentationModel(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 1, h, w) for RGB input (N, 3, h, w) in [0, 1]; the aux head is not run."""
-        x = self.normalize(x)
-        if not self.aux:
-            return self.net(x)["out"]
-        # torchvision runs the aux head whenever it exists; inference has no use for it.
-        features = self.net.backbone(x)
-        logits = self.net.classifier(features["out"])
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, aux logits or None), both (N, 1, h, w): for training with an aux loss."""
-        out = self.net(self.normalize(x))
-        return out["out"], out.get("aux")
+        """Logits (N, 1, h, w) for RGB input (N, 3, h, w) in [0, 1]."""
+        return self.net(self.normalize(x))["out"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +107,6 @@ def build_model(
     name: str = "fcn_resnet50",
     pretrained: bool | str | os.PathLike | None = None,
     *,
-    aux: bool = False,
     weight_dirs: Iterable[str | os.PathLike] | None = None,
 ) -> SegmentationModel:
     """Build a torchvision segmentation model with a 1-channel head, never downloading weights.
@@ -136,7 +118,6 @@ def build_model(
             network (e.g. ``resnet50-0676ba61.pth``); or True/"auto" to look for torchvision's
             file names under `weight_dirs` (whole-model file preferred), warning and falling back
             to random initialisation when none is there.
-        aux: add torchvision's auxiliary head (FCN and DeepLabV3 only), for `forward_with_aux`.
         weight_dirs: folders searched (recursively) by "auto"; default `default_weight_dirs()`.
 
     Returns:
@@ -145,11 +126,8 @@ def build_model(
     if name not in BACKBONES:
         raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": 1}
-    if name.startswith("lraspp"):
-        if aux:
-            raise ValueError(f"{name} has no auxiliary head; build it with aux=False")
-    else:
-        kwargs["aux_loss"] = aux
+    if not name.startswith("lraspp"):
+        kwargs["aux_loss"] = False  # no auxiliary head: never trained
     model = SegmentationModel(getattr(tvseg, name)(**kwargs), name)
 
     if pretrained is None or pretrained is False:
@@ -356,20 +334,11 @@ def checkpoint_dict(
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> Path:
-    """Write a kit checkpoint atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write a kit checkpoint atomically (see :mod:`kit.atomic`)."""
     path = Path(path)
     _check_checkpoint(ckpt, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(ckpt), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.writer(path, "wb") as f:
+        torch.save(dict(ckpt), f)
     return path
 
 
@@ -388,7 +357,7 @@ def load_model(
 
     ``device`` None: `kit.device.default_device()` (the GPU when there is one).
 
-    An auxiliary head saved by training is dropped: inference does not use it.
+    An auxiliary head (``net.aux_classifier.*``, saved by older kits) is dropped: unused.
     """
     ckpt = read_checkpoint(path)
     model = build_model(ckpt["model_name"])

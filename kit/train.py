@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from kit import atomic
 from kit.data import (
     DataConfig,
     TileDataset,
@@ -606,7 +607,7 @@ def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed):
         for name in ("history.csv", "best.pt", "last.pt"):
             (run / name).unlink(missing_ok=True)
         document = {"train": asdict(cfg), "data": asdict(cfg.data_config())}
-        _write_text(run / "config.json", json.dumps(document, indent=1))
+        atomic.write_text(run / "config.json", json.dumps(document, indent=1))
     ctx.barrier()
     return state
 
@@ -650,14 +651,7 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(path, buf.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- runtime
