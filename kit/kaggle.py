@@ -492,7 +492,7 @@ def export_model(
             or the metadata would be rejected by Kaggle (the message lists why).
         FileExistsError: `out` holds something other than a previous export.
     """
-    from kit.model import read_checkpoint, save_checkpoint
+    from kit.checkpoint import read_checkpoint, save_checkpoint
 
     run, out = Path(run), Path(out)
     if which not in CHECKPOINTS:

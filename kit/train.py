@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kit import atomic
+from kit.checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint
 from kit.data import (
     DataConfig,
     TileDataset,
@@ -52,7 +53,7 @@ from kit.data import (
 from kit.device import amp_dtype, rank_device
 from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore
-from kit.model import build_model, checkpoint_dict, read_checkpoint, save_checkpoint
+from kit.model import build_model
 from kit.progress import progress_bar, show_progress
 
 # Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).

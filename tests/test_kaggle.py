@@ -542,7 +542,8 @@ def test_wheels_command_writes_the_dataset_metadata(fake_pip, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A training run folder with a tiny random model's checkpoints."""
-    from kit.model import build_model, checkpoint_dict, save_checkpoint
+    from kit.checkpoint import checkpoint_dict, save_checkpoint
+    from kit.model import build_model
 
     run = tmp_path_factory.mktemp("run")
     model = build_model("lraspp_mobilenet_v3_large")
@@ -562,7 +563,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_export_writes_a_valid_model_dataset(run_dir, tmp_path):
-    from kit.model import load_model
+    from kit.checkpoint import load_model
 
     out = kaggle.export_model(run_dir, tmp_path / "model", user="alice")
     names = sorted(p.name for p in out.iterdir())

@@ -304,7 +304,8 @@ def dataset_slugs() -> tuple[str, str]:
 
 def lay_out_inputs(stand_in: KaggleStandIn, wheelhouse: Path, tmp: Path) -> Path:
     """Competition data, the model dataset and the wheels dataset under the input root."""
-    from kit.model import build_model, checkpoint_dict, save_checkpoint
+    from kit.checkpoint import checkpoint_dict, save_checkpoint
+    from kit.model import build_model
     from kit.synthetic import make_dataset
     from kit.train import preset
 
