@@ -11,6 +11,8 @@ import dataclasses
 import enum
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,23 @@ from torch import nn
 
 from kit import atomic
 from kit.device import default_device
+from kit.kaggle import (
+    DATASET_METADATA,
+    MODEL_SLUG,
+    MODEL_TITLE,
+    check_new_dataset_metadata,
+    dataset_metadata,
+    read_user,
+    validate_user,
+)
 from kit.model import BACKBONES, MODEL_NAMES, SegmentationModel, build_model, torch_load
 
 CHECKPOINT_FORMAT = "hubmap-kit/1"
+CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
+RUN_FILES = ("config.json", "history.csv")
+# Checkpoint entries only resuming training needs: left out of an export (they triple its size).
+TRAINING_STATE = ("optimizer_state", "scheduler_state", "scaler_state")
+
 _EXPECTED = (
     f"A kit checkpoint is the best.pt or last.pt that `python -m kit train` writes: a dict "
     f"(format {CHECKPOINT_FORMAT!r}, model_name, model_state, config, epoch, metrics) that "
@@ -190,3 +206,85 @@ def fingerprint(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+# --- model datasets ---------------------------------------------------------------------------
+
+
+def export_model(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    which: str = "best",
+    user: str | None = None,
+    slug: str = MODEL_SLUG,
+    title: str = MODEL_TITLE,
+    keep_training_state: bool = False,
+    root: str | os.PathLike | None = None,
+) -> Path:
+    """Write a model dataset: a run's checkpoint, config.json, history.csv + dataset metadata.
+
+    Args:
+        run: a kit.train run folder (best.pt, last.pt, config.json, history.csv).
+        out: the dataset folder to write; an existing one must be empty or a previous export
+            (it is replaced as a whole).
+        which: "best" (best held-out Dice) or "last".
+        user: the Kaggle owner (default: kaggle-user.txt under `root`).
+        slug, title: the dataset's URL slug (6-50 characters) and title (6-50 characters).
+        keep_training_state: keep optimizer/scheduler/scaler state (only resuming needs them).
+
+    Returns:
+        `out`, assembled in a hidden folder next to it and renamed into place.
+
+    Raises:
+        FileNotFoundError: no run folder or no such checkpoint.
+        ValueError: the checkpoint is not a kit checkpoint loadable with ``weights_only=True``,
+            or the metadata would be rejected by Kaggle (the message lists why).
+        FileExistsError: `out` holds something other than a previous export.
+    """
+    run, out = Path(run), Path(out)
+    if which not in CHECKPOINTS:
+        raise ValueError(f"which must be one of {list(CHECKPOINTS)}, got {which!r}")
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    source = run / CHECKPOINTS[which]
+    ckpt = read_checkpoint(source)
+    user = validate_user(user) if user is not None else read_user(root)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in ckpt["metrics"].items())
+    meta = dataset_metadata(
+        user,
+        slug,
+        title,
+        f"HuBMAP kit checkpoint: {ckpt['model_name']}, epoch {ckpt['epoch']}"
+        + (f" ({metrics})" if metrics else "")
+        + f", from run {run.resolve().name}.",
+    )
+    check_new_dataset_metadata(meta, f"{out / DATASET_METADATA} (to be written)")
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        if keep_training_state:
+            shutil.copy2(source, staging / source.name)
+        else:
+            slim = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+            save_checkpoint(staging / source.name, slim)
+        for name in RUN_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, staging / name)
+        atomic.write_json(staging / DATASET_METADATA, meta)
+        atomic.swap_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DATASET_METADATA).is_file():
+        raise FileExistsError(
+            f"{out} is not empty and holds no {DATASET_METADATA} (not a previous export): "
+            "choose another --out"
+        )
