@@ -360,12 +360,13 @@ def test_check_refuses_the_placeholder_user(repo, capsys):
 def test_every_dependency_is_in_the_image_or_the_wheelhouse():
     """A new dependency in pyproject.toml must be either in the Kaggle image or pinned."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
     # The installed kit's metadata: `make test` reinstalls it whenever pyproject.toml changes.
     deps = [Requirement(r) for r in importlib.metadata.requires(wheels.KIT_DISTRIBUTION)]
     pins = {p.key: p for p in wheels.read_requirements(ROOT / "wheels" / "requirements.txt")}
     for dep in (d for d in deps if d.marker is None):  # extras (dev) are not runtime needs
-        key = wheels._normalise(dep.name)
+        key = canonicalize_name(dep.name)  # PEP 503, as kit.wheels keys its pins
         if key in pins:
             assert dep.specifier.contains(pins[key].version), (dep, pins[key])
         else:
