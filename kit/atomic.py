@@ -1,10 +1,8 @@
 """Files and folders that appear whole or not at all.
 
-A file is written under a hidden temporary name in its own folder, flushed to disk and renamed
-over the target (``os.replace`` is atomic within a file system); on failure the temporary file is
-removed and the target is untouched. Files get mode 0644 (``mkstemp`` makes 0600, but these
-files are meant to be shared: datasets, submissions, run folders). A folder is built under a
-hidden name next to the target and swapped in as a whole.
+A file is written under a hidden name in its folder, synced and renamed over the target; on
+failure the target is untouched. Files get mode 0644 (``mkstemp`` makes 0600; these files are
+shared: datasets, submissions, runs). Folders are built next to the target, then swapped in.
 """
 
 from __future__ import annotations
@@ -53,13 +51,6 @@ def write_text(
     return Path(path)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; return the path."""
-    with writer(path, "wb") as fh:
-        fh.write(data)
-    return Path(path)
-
-
 def write_json(path: str | os.PathLike, document: Any, indent: int = 2) -> Path:
     """Write ``document`` as UTF-8 JSON (non-ASCII kept, trailing newline) atomically."""
     return write_text(path, json.dumps(document, indent=indent, ensure_ascii=False) + "\n")
@@ -82,13 +73,9 @@ def swap_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
 
 
 def place_folder(built: str | os.PathLike, target: str | os.PathLike, keep) -> bool:
-    """Rename the finished folder ``built`` to ``target`` unless another process got there
-    first; for concurrent builders of the same folder (ranks, parallel runs).
-
-    A ``target`` for which ``keep(target)`` is true (complete, the same content) stays and
-    ``built`` is left to the caller to discard: returns False. Anything else at ``target`` (a
-    stale or partial folder) is moved aside and removed, and the rename is tried again.
-    Returns True when ``built`` was placed."""
+    """Rename the finished folder ``built`` to ``target`` (True) unless another builder got there
+    first with a folder that ``keep(target)`` accepts (False: the caller discards ``built``).
+    Anything else at ``target`` (stale, partial) is moved aside, removed, and the rename retried."""
     built, target = Path(built), Path(target)
     for attempt in range(3):
         try:

@@ -1,8 +1,7 @@
 """Kit checkpoints: the format, saving and reading them, and rebuilding the model they hold.
 
-A checkpoint (``best.pt``/``last.pt`` of a run, format `CHECKPOINT_FORMAT`) is a dict of plain
-types and tensors that ``torch.load(weights_only=True)`` reads: the model name and state, the
-run's config, the epoch and metrics, and optional training state (optimizer, scheduler, ...).
+A checkpoint (a run's ``best.pt``/``last.pt``) is a dict of plain types and tensors that
+``torch.load(weights_only=True)`` reads; a model dataset is a checkpoint with its run's files.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ def test_a_failure_mid_write_leaves_the_old_file_and_no_temp_file(tmp_path):
 
 
 def test_written_files_are_shared_0644_and_parents_are_created(tmp_path):
-    path = atomic.write_bytes(tmp_path / "a" / "b.bin", b"\x00\x01")
+    path = tmp_path / "a" / "b.bin"
+    with atomic.writer(path, "wb") as fh:
+        fh.write(b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
