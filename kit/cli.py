@@ -63,14 +63,14 @@ def _infer_config(args: argparse.Namespace, checkpoint: dict):
 
 
 def _load(args: argparse.Namespace):
-    from kit.model import load_model
+    from kit.checkpoint import load_model
 
     model, ckpt = load_model(args.weights, device=args.device)  # None: kit.device's default
     return model, ckpt
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from kit.model import fingerprint
+    from kit.checkpoint import fingerprint
     from kit.submit import check_submission, write_submission
 
     model, ckpt = _load(args)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kit import atomic
 from kit.polygons import rasterize
 from kit.progress import progress_bar
 from kit.rle import decode_columns, parse
@@ -312,14 +313,9 @@ def build_tile_cache(
             "kinds": {k: int((index["kind"] == k).sum()) for k in KINDS},
             "inputs": inputs,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks it whole
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            # Another process (a second rank, a parallel run) finished the same cache first.
-            if _manifest_key(folder) != key:
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
+        atomic.write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))  # last: whole
+        # Another process (a second rank, a parallel run) may have finished the same cache first.
+        atomic.place_folder(tmp, folder, keep=lambda f: _manifest_key(f) == key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune_stale(cache_dir, slide_id, inputs["slide"])

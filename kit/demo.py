@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kit.checkpoint import fingerprint, load_model
 from kit.evaluate import evaluate_slides, format_report, mean_dice
 from kit.infer import config_from_checkpoint
-from kit.model import fingerprint, load_model
 from kit.submit import check_submission, write_submission
 from kit.synthetic import default_dataset
 from kit.train import fit, preset

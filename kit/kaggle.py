@@ -31,12 +31,11 @@ import argparse
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kit import atomic
 from kit.env import COMPETITION
 
 KERNEL_METADATA = "kernel-metadata.json"
@@ -51,11 +50,6 @@ WHEELS_TITLE = "HuBMAP kit wheels"
 MODEL_SLUG = "hubmap-kit-model"
 MODEL_TITLE = "HuBMAP kit model"
 # Run-folder files (kit.train) that go into a model dataset.
-CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
-RUN_FILES = ("config.json", "history.csv")
-# Checkpoint entries only resuming training needs: left out of an export (they triple its size).
-TRAINING_STATE = ("optimizer_state", "scheduler_state", "scaler_state")
-
 KERNEL_KEYS = frozenset(
     {
         "id",
@@ -164,6 +158,12 @@ def check_dataset_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Read a dataset-metadata.json; ValueError listing every problem (see the validator)."""
     _raise_problems(path, validate_dataset_metadata(path))
     return json.loads(Path(path).read_text())
+
+
+def check_new_dataset_metadata(meta: Mapping[str, Any], where: str) -> None:
+    """Raise ValueError naming ``where`` and listing why, unless ``meta`` is dataset metadata
+    Kaggle accepts (for a document about to be written; the folder's files are not checked)."""
+    _raise_problems(where, _dataset_problems(meta, None))
 
 
 def _raise_problems(path: str | os.PathLike, problems: list[str]) -> None:
@@ -395,7 +395,7 @@ def write_user(name: str, root: str | os.PathLike | None = None) -> Path:
         "# kernel-metadata.json and wheels/dataset-metadata.json. Not a credential.\n"
         f"{name}\n"
     )
-    _write_text(path, text)
+    atomic.write_text(path, text)
     return path
 
 
@@ -477,128 +477,13 @@ def fill_metadata(
     if user != previous or not (root / USER_FILE).is_file():
         write_user(user, root)
     for path, meta in updated:
-        _write_json(path, meta)
+        atomic.write_json(path, meta)
     return [path for path, _ in updated]
 
 
-def _size(path: Path) -> str:
+def file_size(path: Path) -> str:
+    """The size of the file ``path`` in megabytes, as shown in logs ("12.3 MB")."""
     return f"{path.stat().st_size / 1e6:.1f} MB"
-
-
-# --------------------------------------------------------------------------- model dataset
-
-
-def export_model(
-    run: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    which: str = "best",
-    user: str | None = None,
-    slug: str = MODEL_SLUG,
-    title: str = MODEL_TITLE,
-    keep_training_state: bool = False,
-    root: str | os.PathLike | None = None,
-) -> Path:
-    """Write a model dataset: a run's checkpoint, config.json, history.csv + dataset metadata.
-
-    Args:
-        run: a kit.train run folder (best.pt, last.pt, config.json, history.csv).
-        out: the dataset folder to write; an existing one must be empty or a previous export
-            (it is replaced as a whole).
-        which: "best" (best held-out Dice) or "last".
-        user: the Kaggle owner (default: kaggle-user.txt under `root`).
-        slug, title: the dataset's URL slug (6-50 characters) and title (6-50 characters).
-        keep_training_state: keep optimizer/scheduler/scaler state (only resuming needs them).
-
-    Returns:
-        `out`, assembled in a hidden folder next to it and renamed into place.
-
-    Raises:
-        FileNotFoundError: no run folder or no such checkpoint.
-        ValueError: the checkpoint is not a kit checkpoint loadable with ``weights_only=True``,
-            or the metadata would be rejected by Kaggle (the message lists why).
-        FileExistsError: `out` holds something other than a previous export.
-    """
-    from kit.model import read_checkpoint, save_checkpoint
-
-    run, out = Path(run), Path(out)
-    if which not in CHECKPOINTS:
-        raise ValueError(f"which must be one of {list(CHECKPOINTS)}, got {which!r}")
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run}")
-    source = run / CHECKPOINTS[which]
-    ckpt = read_checkpoint(source)
-    user = validate_user(user) if user is not None else read_user(root)
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in ckpt["metrics"].items())
-    meta = dataset_metadata(
-        user,
-        slug,
-        title,
-        f"HuBMAP kit checkpoint: {ckpt['model_name']}, epoch {ckpt['epoch']}"
-        + (f" ({metrics})" if metrics else "")
-        + f", from run {run.resolve().name}.",
-    )
-    _raise_problems(f"{out / DATASET_METADATA} (to be written)", _dataset_problems(meta, None))
-    _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        if keep_training_state:
-            shutil.copy2(source, staging / source.name)
-        else:
-            slim = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
-            save_checkpoint(staging / source.name, slim)
-        for name in RUN_FILES:
-            if (run / name).is_file():
-                shutil.copy2(run / name, staging / name)
-        _write_json(staging / DATASET_METADATA, meta)
-        _swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
-
-
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / DATASET_METADATA).is_file():
-        raise FileExistsError(
-            f"{out} is not empty and holds no {DATASET_METADATA} (not a previous export): "
-            "choose another --out"
-        )
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Rename the finished `staging` folder to `out`, replacing a previous `out` as a whole."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write `text` atomically: a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, document: Mapping[str, Any]) -> None:
-    _write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------- command line
@@ -611,6 +496,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--run", dest="run_dir", metavar="RUN", type=Path, required=True, help="a training run"
     )
     parser.add_argument("--out", type=Path, required=True, help="the model dataset folder")
+    from kit.checkpoint import CHECKPOINTS
+
     parser.add_argument("--which", choices=tuple(CHECKPOINTS), default="best")
     parser.add_argument("--slug", default=MODEL_SLUG, help="dataset URL slug (6-50 characters)")
     parser.add_argument("--title", default=MODEL_TITLE, help="dataset title (6-50 characters)")
@@ -626,6 +513,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> None:
     """Export the model dataset; warn when the kernel does not attach it."""
     root = Path(args.root) if args.root else repo_root()
+    from kit.checkpoint import export_model
+
     out = export_model(
         args.run_dir,
         args.out,
@@ -638,7 +527,7 @@ def run_export(args: argparse.Namespace) -> None:
     )
     meta = json.loads((out / DATASET_METADATA).read_text())
     for path in sorted(out.iterdir()):
-        print(f"  {path.name} ({_size(path)})")
+        print(f"  {path.name} ({file_size(path)})")
     print(f"model dataset {meta['id']}: {out}")
     kernel = root / KERNEL_METADATA
     if kernel.is_file():

@@ -10,27 +10,19 @@ local ``.pth`` file, or ``"auto"`` looks for torchvision's own file names under
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import hashlib
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.models as tvm
 import torchvision.models.segmentation as tvseg
 from torch import nn
-
-from kit.device import default_device
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +37,6 @@ BACKBONES = {
 }
 MODEL_NAMES = tuple(BACKBONES)
 
-CHECKPOINT_FORMAT = "hubmap-kit/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -68,11 +59,6 @@ class SegmentationModel(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.weights_report: WeightsReport | None = None
 
-    @property
-    def aux(self) -> bool:
-        """Whether the network carries an auxiliary head (used only by `forward_with_aux`)."""
-        return getattr(self.net, "aux_classifier", None) is not None
-
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) RGB in [0, 1] -> ImageNet-normalised input of the torchvision network."""
         if x.ndim != 4 or x.shape[1] != 3:
@@ -80,19 +66,8 @@ class SegmentationModel(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 1, h, w) for RGB input (N, 3, h, w) in [0, 1]; the aux head is not run."""
-        x = self.normalize(x)
-        if not self.aux:
-            return self.net(x)["out"]
-        # torchvision runs the aux head whenever it exists; inference has no use for it.
-        features = self.net.backbone(x)
-        logits = self.net.classifier(features["out"])
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, aux logits or None), both (N, 1, h, w): for training with an aux loss."""
-        out = self.net(self.normalize(x))
-        return out["out"], out.get("aux")
+        """Logits (N, 1, h, w) for RGB input (N, 3, h, w) in [0, 1]."""
+        return self.net(self.normalize(x))["out"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +99,6 @@ def build_model(
     name: str = "fcn_resnet50",
     pretrained: bool | str | os.PathLike | None = None,
     *,
-    aux: bool = False,
     weight_dirs: Iterable[str | os.PathLike] | None = None,
 ) -> SegmentationModel:
     """Build a torchvision segmentation model with a 1-channel head, never downloading weights.
@@ -136,7 +110,6 @@ def build_model(
             network (e.g. ``resnet50-0676ba61.pth``); or True/"auto" to look for torchvision's
             file names under `weight_dirs` (whole-model file preferred), warning and falling back
             to random initialisation when none is there.
-        aux: add torchvision's auxiliary head (FCN and DeepLabV3 only), for `forward_with_aux`.
         weight_dirs: folders searched (recursively) by "auto"; default `default_weight_dirs()`.
 
     Returns:
@@ -145,11 +118,8 @@ def build_model(
     if name not in BACKBONES:
         raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": 1}
-    if name.startswith("lraspp"):
-        if aux:
-            raise ValueError(f"{name} has no auxiliary head; build it with aux=False")
-    else:
-        kwargs["aux_loss"] = aux
+    if not name.startswith("lraspp"):
+        kwargs["aux_loss"] = False  # no auxiliary head: never trained
     model = SegmentationModel(getattr(tvseg, name)(**kwargs), name)
 
     if pretrained is None or pretrained is False:
@@ -264,8 +234,9 @@ def load_pretrained(model: SegmentationModel, path: str | os.PathLike) -> Weight
     return WeightsReport(path, kind, tuple(take), skipped)
 
 
-def _torch_load(path: Path, what: str) -> Any:
-    """``torch.load`` on the CPU with ``weights_only=True``; errors name the file and ``what``.
+def torch_load(path: Path, what: str, expected: str) -> Any:
+    """``torch.load`` on the CPU with ``weights_only=True``; errors name the file and ``what``
+    and end with ``expected``, a sentence on what such a file is.
 
     Torch's own message is not passed on: for a file holding arbitrary Python objects it
     advises loading with ``weights_only=False``, which runs the file's code: the wrong advice
@@ -280,27 +251,19 @@ def _torch_load(path: Path, what: str) -> Any:
             why = "it holds Python objects other than tensors and plain containers"
         else:
             why = f"it is not a readable torch file ({type(err).__name__})"
-        raise ValueError(f"{path}: not a {what}: {why}. {_EXPECTED[what]}") from None
+        raise ValueError(f"{path}: not a {what}: {why}. {expected}") from None
 
 
-# What each kind of file _torch_load reads should be, for its error messages.
-_EXPECTED = {
-    "checkpoint": (
-        f"A kit checkpoint is the best.pt or last.pt that `python -m kit train` writes: a dict "
-        f"(format {CHECKPOINT_FORMAT!r}, model_name, model_state, config, epoch, metrics) that "
-        "torch.load reads with weights_only=True."
-    ),
-    "weights file": (
-        "Pretrained weights are a torchvision .pth file: a state dict of tensors that torch.load "
-        "reads with weights_only=True."
-    ),
-}
+_WEIGHTS_EXPECTED = (
+    "Pretrained weights are a torchvision .pth file: a state dict of tensors that torch.load "
+    "reads with weights_only=True."
+)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict read with ``weights_only=True``; errors name the file."""
-    state = _torch_load(path, "weights file")
-    if isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT:
+    state = torch_load(path, "weights file", _WEIGHTS_EXPECTED)
+    if isinstance(state, Mapping) and "model_state" in state:
         raise ValueError(f"{path}: is a kit checkpoint, not torchvision weights; use load_model")
     if not (
         isinstance(state, Mapping)
@@ -309,176 +272,3 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
     return dict(state)
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def checkpoint_dict(
-    model: nn.Module,
-    config: Any,
-    epoch: int,
-    metrics: Mapping[str, float],
-    **extra: Any,
-) -> dict[str, Any]:
-    """Assemble a kit checkpoint (format ``hubmap-kit/1``) readable with ``weights_only=True``.
-
-    Args:
-        model: a `SegmentationModel`, possibly wrapped by ``torch.compile`` or DDP.
-        config: the run's config, a dataclass or mapping; stored as a plain dict (paths become
-            strings, numpy scalars Python numbers).
-        epoch: the epoch just finished.
-        metrics: name -> value, stored as floats.
-        **extra: further entries, e.g. ``optimizer_state=opt.state_dict()``.
-
-    The model state is copied to the CPU, so later training steps do not alter it.
-    """
-    model = _unwrap(model)
-    if not isinstance(model, SegmentationModel):
-        raise ValueError(f"expected a SegmentationModel, got {type(model).__name__}")
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config must be a dataclass or a mapping, got {type(config).__name__}")
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "model_name": model.name,
-        "model_state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-        "config": _plain(config, "config"),
-        "epoch": int(epoch),
-        "metrics": {str(k): float(v) for k, v in metrics.items()},
-    }
-    clash = sorted(set(extra) & set(ckpt))
-    if clash:
-        raise ValueError(f"extra checkpoint entries clash with the format's keys: {clash}")
-    ckpt.update(extra)
-    return ckpt
-
-
-def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> Path:
-    """Write a kit checkpoint atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    _check_checkpoint(ckpt, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(ckpt), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a kit checkpoint (``weights_only=True``, on the CPU)."""
-    path = Path(path)
-    ckpt = _torch_load(path, "checkpoint")
-    _check_checkpoint(ckpt, path)
-    return ckpt
-
-
-def load_model(
-    path: str | os.PathLike, device: str | torch.device | None = None
-) -> tuple[SegmentationModel, dict[str, Any]]:
-    """Rebuild the model saved in a kit checkpoint: (model in eval mode on `device`, checkpoint).
-
-    ``device`` None: `kit.device.default_device()` (the GPU when there is one).
-
-    An auxiliary head saved by training is dropped: inference does not use it.
-    """
-    ckpt = read_checkpoint(path)
-    model = build_model(ckpt["model_name"])
-    state = {
-        k: v for k, v in ckpt["model_state"].items() if not k.startswith("net.aux_classifier.")
-    }
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: model_state does not fit {ckpt['model_name']} ({err})") from err
-    return model.to(device or default_device()).eval(), ckpt
-
-
-def find_checkpoint(roots: Iterable[str | os.PathLike]) -> Path | None:
-    """The one model under ``roots`` (e.g. the attached inputs); None when there is none.
-
-    A model is a folder holding ``best.pt`` (or only ``last.pt``): a run folder or a model
-    dataset from ``python -m kit export``. Nothing is guessed: with several models under the
-    roots, the caller must name one.
-
-    Raises:
-        ValueError: more than one model was found; the message lists them.
-    """
-    found: dict[Path, Path] = {}
-    for root in map(Path, roots):
-        for name in ("last.pt", "best.pt"):  # best.pt replaces last.pt in the same folder
-            for path in sorted(root.glob(f"**/{name}")) if root.is_dir() else ():
-                found[path.parent] = path
-    if len(found) > 1:
-        listed = "\n  ".join(str(p) for p in sorted(found.values()))
-        raise ValueError(f"{len(found)} models found, name the one to use:\n  {listed}")
-    return next(iter(found.values()), None)
-
-
-def _check_checkpoint(ckpt: Any, path: Path) -> None:
-    """Raise ValueError naming `path` unless `ckpt` is a kit checkpoint of a known model."""
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a kit checkpoint (no 'format': {CHECKPOINT_FORMAT!r})")
-    missing = [
-        k for k in ("model_name", "model_state", "config", "epoch", "metrics") if k not in ckpt
-    ]
-    if missing:
-        raise ValueError(f"{path}: kit checkpoint lacks {', '.join(missing)}")
-    if not isinstance(ckpt["model_state"], Mapping):
-        raise ValueError(f"{path}: model_state is not a state dict")
-    if ckpt["model_name"] not in BACKBONES:
-        raise ValueError(
-            f"{path}: unknown model name {ckpt['model_name']!r}; valid names: "
-            f"{', '.join(MODEL_NAMES)}"
-        )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile`` (``_orig_mod``) and DDP/DataParallel (``module``)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def _plain(value: Any, where: str) -> Any:
-    """`value` as types ``torch.load(weights_only=True)`` accepts; ValueError naming the field."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, enum.Enum):
-        return _plain(value.value, where)
-    if isinstance(value, torch.device | torch.dtype):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    raise ValueError(f"{where}: cannot store a {type(value).__name__} in a checkpoint")
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """A short hash of a checkpoint file's bytes: identifies the weights (e.g. for resuming)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]

@@ -8,12 +8,13 @@ shows a returned figure; scripts call :func:`save_figure`), so they work under a
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from kit import atomic
 
 # Error-map colours: true positives green, false positives magenta, false negatives cyan-blue.
 TP_COLOR = (40, 200, 60)
@@ -137,15 +138,8 @@ def show_image(image: np.ndarray, title: str = "", size: float = 6.0) -> Figure:
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` as PNG atomically (temp file, then rename); return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.writer(path, "wb") as fh:
+        fig.savefig(fh, dpi=dpi, format="png")
     return path
 
 

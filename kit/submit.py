@@ -14,21 +14,19 @@ into place, then the sidecar is removed: a failed run leaves the previous file u
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
 
 import pandas as pd
 import torch
 from torch import nn
 
+from kit import atomic
 from kit.infer import InferConfig, Predictor, predict_slide_rle, resolve_config
 from kit.progress import tile_bar
 from kit.rle import parse
@@ -85,9 +83,9 @@ def write_submission(
             continue  # finished by an earlier, interrupted run
         with tile_bar(f"predict {slide_id} ({i}/{len(ids)})", progress) as advance:
             rle = predict_slide_rle(paths[slide_id], predictor, cfg, on_progress=advance)
-        _write_atomic(part, f"{key or '-'}\n{rle}\n")
+        atomic.write_text(part, f"{key or '-'}\n{rle}\n", encoding="ascii", newline="")
     # Assembled from the parts, so an interrupted and resumed run writes the same bytes.
-    with _atomic_writer(out_csv) as fh:
+    with atomic.writer(out_csv, encoding="ascii", newline="") as fh:
         fh.write(HEADER + "\n")
         for slide_id in ids:
             rle = _read_part(parts / f"{slide_id}.rle")
@@ -221,29 +219,3 @@ def _read_part(part: Path, key: str | None = None) -> str | None:
     except (FileNotFoundError, ValueError):
         return None
     return rle if key is None or stored == key else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-@contextlib.contextmanager
-def _atomic_writer(path: Path) -> Iterator[TextIO]:
-    """A text file written under a temporary name in ``path``'s folder, renamed over ``path``
-    on success and removed on failure (``path`` is then untouched)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    with _atomic_writer(path) as fh:
-        fh.write(text)

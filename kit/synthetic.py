@@ -22,7 +22,6 @@ manifest (parameters, version), written last.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from kit import atomic
 from kit.polygons import rasterize
 from kit.rle import encode
 
@@ -664,7 +664,7 @@ def _features(polygons, name):
 
 
 def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _write_csv(path: Path, header, rows) -> None:
@@ -813,16 +813,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def _install(work: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished ``work`` folder to ``out``, replacing it if allowed."""
     _check_target(out, overwrite)
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = out.with_name(f"{work.name}.old")
-            os.rename(out, old)
-        else:
-            out.rmdir()
-    os.rename(work, out)  # atomic; fails if someone else created `out` meanwhile
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    atomic.swap_folder(work, out)
 
 
 def is_complete(path: str | os.PathLike, params: dict | None = None) -> bool:
@@ -853,18 +844,8 @@ def default_dataset(cache_dir: str | os.PathLike | None = None) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
         built = make_dataset(work / "data", **DEFAULT_PARAMS)
-        for attempt in range(3):
-            try:
-                os.rename(built, target)  # atomic; fails while `target` exists
-                break
-            except OSError:
-                if is_complete(target, params):
-                    break  # another process finished first: keep theirs, drop ours
-                # stale or foreign content (no valid manifest): move it aside and retry
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(target, work / f"stale{attempt}")
-        else:
-            raise OSError(f"could not install the synthetic dataset at {target}")
+        # Another process may have finished first: keep theirs, drop ours.
+        atomic.place_folder(built, target, keep=lambda t: is_complete(t, params))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

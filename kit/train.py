@@ -37,6 +37,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from kit import atomic
+from kit.checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint
 from kit.data import (
     DataConfig,
     TileDataset,
@@ -51,7 +53,7 @@ from kit.data import (
 from kit.device import amp_dtype, rank_device
 from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore
-from kit.model import build_model, checkpoint_dict, read_checkpoint, save_checkpoint
+from kit.model import build_model
 from kit.progress import progress_bar, show_progress
 
 # Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).
@@ -606,7 +608,7 @@ def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed):
         for name in ("history.csv", "best.pt", "last.pt"):
             (run / name).unlink(missing_ok=True)
         document = {"train": asdict(cfg), "data": asdict(cfg.data_config())}
-        _write_text(run / "config.json", json.dumps(document, indent=1))
+        atomic.write_text(run / "config.json", json.dumps(document, indent=1))
     ctx.barrier()
     return state
 
@@ -650,14 +652,7 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(path, buf.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- runtime

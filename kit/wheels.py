@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from kit import atomic
 from kit.kaggle import (
     DATASET_METADATA,
-    _size,
-    _write_json,
+    file_size,
     read_user,
     repo_root,
     wheels_dataset_metadata,
@@ -166,10 +166,10 @@ def build_wheelhouse(
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest))
     try:
         built = [build_kit_wheel(staging, root)]
-        log(f"  {built[0].name} ({_size(built[0])})")
+        log(f"  {built[0].name} ({file_size(built[0])})")
         for pin in pins:
             built.append(download_wheel(pin, staging, target))
-            log(f"  {built[-1].name} ({_size(built[-1])})")
+            log(f"  {built[-1].name} ({file_size(built[-1])})")
         unmet = unmet_dependencies(built, target)
         if unmet:
             raise WheelError(
@@ -352,6 +352,6 @@ def run_wheels(args: argparse.Namespace) -> None:
         print(f"{target} wheelhouse: {dest}")
         build_wheelhouse(dest, target, requirements=args.requirements, root=root, log=print)
         if target == "kaggle" and not (dest / DATASET_METADATA).is_file():
-            _write_json(dest / DATASET_METADATA, wheels_dataset_metadata(read_user(root)))
+            atomic.write_json(dest / DATASET_METADATA, wheels_dataset_metadata(read_user(root)))
     if "kaggle" in targets:
         print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")

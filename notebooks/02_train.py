@@ -49,12 +49,11 @@ importlib.import_module("kit.env").check_imports()
 import pandas as pd
 
 from kit import eda, plots
+from kit.checkpoint import export_model, load_model
 from kit.data import TileDataset, train_transforms
 from kit.env import environment
 from kit.evaluate import best_threshold, evaluate_slides, format_report
 from kit.infer import config_from_checkpoint
-from kit.kaggle import export_model
-from kit.model import load_model
 from kit.slides import Slide
 from kit.train import fit, preset, split, tile_caches
 

@@ -49,10 +49,10 @@ importlib.import_module("kit.env").check_imports()
 import pandas as pd
 
 from kit import eda, plots
+from kit.checkpoint import find_checkpoint, fingerprint, load_model
 from kit.device import default_device
 from kit.env import KAGGLE_INPUT, environment
 from kit.infer import config_from_checkpoint
-from kit.model import find_checkpoint, fingerprint, load_model
 from kit.slides import Slide
 from kit.submit import check_submission, write_submission
 from kit.train import fit, preset

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kit import kaggle, wheels
+from kit import checkpoint, kaggle, wheels
 from kit.cli import main
 from kit.env import COMPETITION
 
@@ -365,12 +365,13 @@ def test_check_refuses_the_placeholder_user(repo, capsys):
 def test_every_dependency_is_in_the_image_or_the_wheelhouse():
     """A new dependency in pyproject.toml must be either in the Kaggle image or pinned."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
     # The installed kit's metadata: `make test` reinstalls it whenever pyproject.toml changes.
     deps = [Requirement(r) for r in importlib.metadata.requires(wheels.KIT_DISTRIBUTION)]
     pins = {p.key: p for p in wheels.read_requirements(ROOT / "wheels" / "requirements.txt")}
     for dep in (d for d in deps if d.marker is None):  # extras (dev) are not runtime needs
-        key = wheels._normalise(dep.name)
+        key = canonicalize_name(dep.name)  # PEP 503, as kit.wheels keys its pins
         if key in pins:
             assert dep.specifier.contains(pins[key].version), (dep, pins[key])
         else:
@@ -559,7 +560,8 @@ def test_wheels_command_writes_the_dataset_metadata(fake_pip, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A training run folder with a tiny random model's checkpoints."""
-    from kit.model import build_model, checkpoint_dict, save_checkpoint
+    from kit.checkpoint import checkpoint_dict, save_checkpoint
+    from kit.model import build_model
 
     run = tmp_path_factory.mktemp("run")
     model = build_model("lraspp_mobilenet_v3_large")
@@ -579,9 +581,9 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_export_writes_a_valid_model_dataset(run_dir, tmp_path):
-    from kit.model import load_model
+    from kit.checkpoint import load_model
 
-    out = kaggle.export_model(run_dir, tmp_path / "model", user="alice")
+    out = checkpoint.export_model(run_dir, tmp_path / "model", user="alice")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["best.pt", "config.json", kaggle.DATASET_METADATA, "history.csv"]
     assert kaggle.validate_dataset_metadata(out / kaggle.DATASET_METADATA) == []
@@ -601,8 +603,8 @@ def test_export_writes_a_valid_model_dataset(run_dir, tmp_path):
 
 def test_export_last_with_training_state_replaces_a_previous_export(run_dir, tmp_path):
     out = tmp_path / "model"
-    kaggle.export_model(run_dir, out, user="alice")
-    kaggle.export_model(
+    checkpoint.export_model(run_dir, out, user="alice")
+    checkpoint.export_model(
         run_dir, out, which="last", user="bob", slug="glom-last", keep_training_state=True
     )
     assert sorted(p.name for p in out.iterdir()) == [
@@ -617,30 +619,30 @@ def test_export_last_with_training_state_replaces_a_previous_export(run_dir, tmp
 
 def test_export_refuses_bad_input(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        kaggle.export_model(tmp_path / "nowhere", tmp_path / "m", user="alice")
+        checkpoint.export_model(tmp_path / "nowhere", tmp_path / "m", user="alice")
     with pytest.raises(ValueError, match="which"):
-        kaggle.export_model(run_dir, tmp_path / "m", which="final", user="alice")
+        checkpoint.export_model(run_dir, tmp_path / "m", which="final", user="alice")
     with pytest.raises(ValueError, match="id: slug 'model'"):
-        kaggle.export_model(run_dir, tmp_path / "m", user="alice", slug="model")
+        checkpoint.export_model(run_dir, tmp_path / "m", user="alice", slug="model")
     with pytest.raises(ValueError, match="title"):
-        kaggle.export_model(run_dir, tmp_path / "m", user="alice", title="Model")
+        checkpoint.export_model(run_dir, tmp_path / "m", user="alice", title="Model")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a previous export"):
-        kaggle.export_model(run_dir, busy, user="alice")
+        checkpoint.export_model(run_dir, busy, user="alice")
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
 
     bad_run = tmp_path / "bad_run"
     bad_run.mkdir()
     (bad_run / "best.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="best.pt"):
-        kaggle.export_model(bad_run, tmp_path / "m", user="alice")
+        checkpoint.export_model(bad_run, tmp_path / "m", user="alice")
     with pytest.raises(FileNotFoundError, match="last.pt"):
-        kaggle.export_model(bad_run, tmp_path / "m", which="last", user="alice")
+        checkpoint.export_model(bad_run, tmp_path / "m", which="last", user="alice")
     torch.save({"format": "other", "weights": torch.zeros(2)}, bad_run / "best.pt")
     with pytest.raises(ValueError, match="not a kit checkpoint"):
-        kaggle.export_model(bad_run, tmp_path / "m", user="alice")
+        checkpoint.export_model(bad_run, tmp_path / "m", user="alice")
     assert not (tmp_path / "m").exists()
 
 

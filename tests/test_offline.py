@@ -304,7 +304,8 @@ def dataset_slugs() -> tuple[str, str]:
 
 def lay_out_inputs(stand_in: KaggleStandIn, wheelhouse: Path, tmp: Path) -> Path:
     """Competition data, the model dataset and the wheels dataset under the input root."""
-    from kit.model import build_model, checkpoint_dict, save_checkpoint
+    from kit.checkpoint import checkpoint_dict, export_model, save_checkpoint
+    from kit.model import build_model
     from kit.synthetic import make_dataset
     from kit.train import preset
 
@@ -315,7 +316,7 @@ def lay_out_inputs(stand_in: KaggleStandIn, wheelhouse: Path, tmp: Path) -> Path
     ckpt = checkpoint_dict(model, preset("quick"), epoch=1, metrics={"dice": 0.5})
     save_checkpoint(run_dir / "best.pt", ckpt)
     (run_dir / "config.json").write_text(json.dumps({"train": ckpt["config"]}))
-    kaggle.export_model(run_dir, stand_in.input / model_slug, user="kit-offline-test")
+    export_model(run_dir, stand_in.input / model_slug, user="kit-offline-test")
     shutil.copytree(wheelhouse, stand_in.input / wheels_slug)
     return data
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kit.checkpoint import load_model, read_checkpoint
 from kit.data import read_patients, train_ids
 from kit.evaluate import evaluate_slides
 from kit.infer import config_from_checkpoint
-from kit.model import build_model, load_model, read_checkpoint
+from kit.model import build_model
 from kit.synthetic import make_dataset
 from kit.train import (
     PRESETS,
