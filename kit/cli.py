@@ -27,10 +27,6 @@ from kit.infer import InferConfig
 from kit.synthetic import DEFAULT_PARAMS as SYNTH
 from kit.train import DERIVED_FIELDS, PRESETS, TrainConfig, merge_config
 
-# Inference options of predict and evaluate: the checkpoint's window, scale and tissue rule stay.
-_CHECKPOINT_FIELDS = ("window", "scale", "min_tissue", "tissue_saturation")
-
-
 # --------------------------------------------------------------------------- flags from configs
 
 
@@ -118,14 +114,9 @@ def _synth(args: argparse.Namespace) -> None:
     from kit.synthetic import make_dataset
 
     out = make_dataset(
-        args.out,
-        slides=args.slides,
-        test_slides=args.test_slides,
-        size=tuple(args.size),
-        seed=args.seed,
-        patients=args.patients,
-        overwrite=args.overwrite,
-    )
+        args.out, slides=args.slides, test_slides=args.test_slides, size=tuple(args.size),
+        seed=args.seed, patients=args.patients, overwrite=args.overwrite,
+    )  # fmt: skip
     _describe_dataset(out)
 
 
@@ -144,12 +135,9 @@ def _load(args: argparse.Namespace):
     from kit.infer import config_from_checkpoint
     from kit.model import load_model
 
-    device = getattr(args, "device", None)  # None: kit.device's default
-    model, ckpt = load_model(args.weights, device=device)
-    names = {f.name for f in dataclasses.fields(InferConfig)}
-    return model, config_from_checkpoint(
-        ckpt, **{k: v for k, v in vars(args).items() if k in names}
-    )
+    model, ckpt = load_model(args.weights, device=getattr(args, "device", None))  # None: default
+    given = {k: v for k, v in vars(args).items() if k in InferConfig.__dataclass_fields__}
+    return model, config_from_checkpoint(ckpt, **given)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -267,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", type=Path, required=True, help="competition folder")
         p.add_argument("--weights", type=Path, required=True, help="a kit checkpoint (best.pt)")
-        add_config_arguments(p, InferConfig, taken=set(), skip=_CHECKPOINT_FIELDS)
+        # Every inference option but the window, scale and tissue rule the checkpoint holds.
+        skip = ("window", "scale", "min_tissue", "tissue_saturation")
+        add_config_arguments(p, InferConfig, taken=set(), skip=skip)
         if name == "predict":
             p.add_argument("--out", type=Path, default=Path("submission.csv"))
         else:

@@ -63,9 +63,7 @@ class DataConfig:
     tissue_share: float = option(0.5, "share of tissue-only negatives kept (hard negatives)")
     background_share: float = option(0.05, "share of background windows kept")
     mask_source: str = option("rle", "'rle' (train.csv) or 'json' (train/{id}.json polygons)")
-    tissue_saturation: int = option(
-        TISSUE_SATURATION, "HSV saturation (0..255) above which a pixel is tissue"
-    )
+    tissue_saturation: int = option(TISSUE_SATURATION, "HSV saturation (0..255) of tissue")
     seed: int = option(0, "chooses which negatives are kept")
 
     def __post_init__(self) -> None:

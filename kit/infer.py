@@ -112,21 +112,13 @@ class InferConfig:
     scale: int = option(4, "downscale factor: the predictor sees windows of window // scale px")
     threshold: float = option(0.5, "mask = probability > threshold")
     tta: bool = option(False, "average probabilities over identity, hflip, vflip and hvflip")
-    upsample: str = option(
-        "bilinear", "back to full resolution: 'bilinear' (align_corners=False) or 'nearest'"
-    )
+    upsample: str = option("bilinear", "bilinear (align_corners=False) or nearest")
     batch_size: int = option(8, "windows per predictor call (per flip with tta)")
-    # tissue: tiles whose core shows no tissue are 0, never predicted (judged on the core's
-    # pixels downscaled by scale, as read for the predictor; no thumbnail pass).
-    tissue: bool = option(True, "skip tiles whose core shows no tissue")
-    tissue_saturation: int = option(
-        TISSUE_SATURATION, "HSV saturation (0..255) above which a pixel is tissue"
-    )
+    tissue: bool = option(True, "tiles whose core shows no tissue are 0, never predicted")
+    tissue_saturation: int = option(TISSUE_SATURATION, "HSV saturation (0..255) of tissue")
     # As DataConfig.min_tissue, whose "tissue" negatives are the tiles inference predicts.
     min_tissue: float = option(MIN_TISSUE, "tiles whose core's tissue fraction is <= this skip")
-    device: str | torch.device | None = option(
-        None, "cpu, cuda, cuda:1 ... (default: the predictor's, or cpu)"
-    )
+    device: str | torch.device | None = option(None, "cpu, cuda ... (default: the predictor's)")
     amp: bool | None = option(None, "CUDA autocast (bf16 on Ampere+, else fp16); default: on CUDA")
     # workers: 0 reads in the calling thread, otherwise one reader thread with its own Slide
     # (strips are decoded in order, each column once; GDAL decodes with GDAL_THREADS).

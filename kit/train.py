@@ -5,7 +5,7 @@
         --preset full --fold 0
     torchrun --nproc_per_node 2 -m kit train --data DIR --out runs/ddp --preset full
 
-A run folder holds ``config.json`` (the TrainConfig and DataConfig), ``history.csv`` (one row per
+A run folder holds ``config.json`` (the TrainConfig, sections included), ``history.csv`` (a row per
 finished epoch), ``last.pt`` (model, optimizer, scheduler and scaler state: what resuming needs)
 and ``best.pt`` (the epoch with the best whole-slide Dice on the held-out slides). Running the same
 command again after a crash continues from ``last.pt``: only the epoch in progress is lost.
@@ -64,18 +64,11 @@ RUNTIME_FIELDS = (
 # Fields set from other fields (see TrainConfig): they have no command-line flag.
 DERIVED_FIELDS = (
     "data.seed", "infer.window", "infer.scale", "infer.min_tissue", "infer.tissue_saturation",
-    "infer.device", "infer.amp",
+    "infer.device",
 )  # fmt: skip
 HISTORY_FIELDS = (
-    "epoch",
-    "lr",
-    "train_loss",
-    "valid_loss",
-    "tile_dice",
-    "slide_dice",
-    "tiles_per_s",
-    "seconds",
-)
+    "epoch", "lr", "train_loss", "valid_loss", "tile_dice", "slide_dice", "tiles_per_s", "seconds",
+)  # fmt: skip
 
 
 @dataclass
@@ -88,18 +81,14 @@ class TrainConfig:
     them from it (the model predicts the windows it learned on), and ``data.seed`` is ``seed``.
     """
 
-    data_dir: str = option(
-        "data", "competition folder (train.csv ...)", flag="--data", required=True
-    )
+    data_dir: str = option("data", "competition folder", flag="--data", required=True)
     out: str = option("runs/train", "run folder (resumed if it exists)", required=True)
     cache_dir: str | None = option(None, "tile cache folder (default: beside --out)")
     # Held-out slides: `valid` if given, else fold `fold` of a grouped k-fold.
     valid: list[str] = option(help="held-out slide ids", factory=list, metavar="ID")
     fold: int = option(0, "hold out this fold of a grouped k-fold (0-based)")
     n_folds: int | None = option(None, f"folds (default {DEFAULT_FOLDS}, or one per group)")
-    group_by: str | None = option(
-        None, "'patient' or 'slide' (default: patient, or slide for a single patient)"
-    )
+    group_by: str | None = option(None, "patient or slide (default: patient if several)")
     model: str = option("fcn_resnet50", "kit.model name, e.g. fcn_resnet50")
     pretrained: str | None = option(None, "'auto' (local torchvision files), a .pth file or none")
     # torchvision's MobileNetV3 uses 0.01: its running statistics then lag far behind the weights
@@ -134,18 +123,19 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.valid = list(self.valid)
-        data = DataConfig(**self.data) if isinstance(self.data, Mapping) else self.data
-        self.data = replace(data, seed=self.seed)
-        infer = InferConfig(**self.infer) if isinstance(self.infer, Mapping) else self.infer
-        self.infer = self.infer_config(infer.device, infer)
-
-    def infer_config(self, device: str | torch.device | None, infer=None) -> InferConfig:
-        """``infer`` (default: this run's) with the window, scale and tissue rule of ``data``."""
+        self.data = DataConfig(**{**_as_dict(self.data), "seed": self.seed})
         d = self.data
-        return replace(
-            infer or self.infer, window=d.window, scale=d.scale, min_tissue=d.min_tissue,
-            tissue_saturation=d.tissue_saturation, device=None if device is None else str(device),
-        )  # fmt: skip
+        derived = dict(window=d.window, scale=d.scale, min_tissue=d.min_tissue)
+        derived["tissue_saturation"] = d.tissue_saturation
+        self.infer = InferConfig(**{**_as_dict(self.infer), **derived})
+
+    def infer_config(self, device: str | torch.device) -> InferConfig:
+        """The inference settings of whole-slide validation, on ``device``."""
+        return replace(self.infer, device=str(device))
+
+
+def _as_dict(section) -> dict:
+    return dict(section) if isinstance(section, Mapping) else asdict(section)
 
 
 PRESETS = {

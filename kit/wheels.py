@@ -333,11 +333,10 @@ def _normalise(name: str) -> str:
 
 
 def build_target(
-    out: str | os.PathLike, target: str, *, requirements=None, root=None, log=print
+    out: str | os.PathLike, target: str, *, root: Path, requirements=None, log=print
 ) -> Path:
     """The wheelhouse of ``target``: ``out`` for kaggle (with its dataset-metadata.json, kept if
     present), ``out/local`` for local."""
-    root = Path(root) if root else repo_root()
     dest = Path(out) if target == "kaggle" else Path(out) / "local"
     log(f"{target} wheelhouse: {dest}")
     build_wheelhouse(dest, target, requirements=requirements, root=root, log=log)

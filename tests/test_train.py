@@ -119,6 +119,8 @@ def test_config_checks_and_diff():
         TrainConfig(data={"window": 1000, "scale": 3})
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+    wide = TrainConfig(data={"window": 2048}, infer={"overlap": 1500, "window": 64})
+    assert (wide.infer.window, wide.infer.overlap) == (2048, 1500)  # the window is data's
     a = TrainConfig(valid=["x"])
     b = replace(a, epochs=7, lr=1e-3, workers=9, device="cpu", valid=["x"])
     b = replace(b, data=replace(b.data, overlap=0), infer=replace(b.infer, tta=True, workers=0))
