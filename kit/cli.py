@@ -25,7 +25,7 @@ from kit import kaggle, wheels
 from kit.data import DataConfig
 from kit.infer import InferConfig
 from kit.synthetic import DEFAULT_PARAMS as SYNTH
-from kit.train import DERIVED_FIELDS, PRESETS, TrainConfig, merge_config
+from kit.train import DERIVED_FIELDS, PRESETS, SHARED_FIELDS, TrainConfig, merge_config
 
 # --------------------------------------------------------------------------- flags from configs
 
@@ -255,9 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", type=Path, required=True, help="competition folder")
         p.add_argument("--weights", type=Path, required=True, help="a kit checkpoint (best.pt)")
-        # Every inference option but the window, scale and tissue rule the checkpoint holds.
-        skip = ("window", "scale", "min_tissue", "tissue_saturation")
-        add_config_arguments(p, InferConfig, taken=set(), skip=skip)
+        # The window, scale and tissue rule are the checkpoint's.
+        add_config_arguments(p, InferConfig, taken=set(), skip=SHARED_FIELDS)
         if name == "predict":
             p.add_argument("--out", type=Path, default=Path("submission.csv"))
         else:

@@ -61,11 +61,10 @@ RUNTIME_FIELDS = (
     "resume", "workers", "device", "progress", "cache_dir",
     "infer.device", "infer.workers", "infer.prefetch",
 )  # fmt: skip
-# Fields set from other fields (see TrainConfig): they have no command-line flag.
-DERIVED_FIELDS = (
-    "data.seed", "infer.window", "infer.scale", "infer.min_tissue", "infer.tissue_saturation",
-    "infer.device",
-)  # fmt: skip
+# Inference settings set once, in the data section: the model predicts the windows it learned on.
+SHARED_FIELDS = ("window", "scale", "min_tissue", "tissue_saturation")
+# Fields set from other fields (see TrainConfig; the device: the model's): no command-line flag.
+DERIVED_FIELDS = ("data.seed", "infer.device", *(f"infer.{name}" for name in SHARED_FIELDS))
 HISTORY_FIELDS = (
     "epoch", "lr", "train_loss", "valid_loss", "tile_dice", "slide_dice", "tiles_per_s", "seconds",
 )  # fmt: skip
@@ -124,14 +123,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.valid = list(self.valid)
         self.data = DataConfig(**{**_as_dict(self.data), "seed": self.seed})
-        d = self.data
-        derived = dict(window=d.window, scale=d.scale, min_tissue=d.min_tissue)
-        derived["tissue_saturation"] = d.tissue_saturation
-        self.infer = InferConfig(**{**_as_dict(self.infer), **derived})
-
-    def infer_config(self, device: str | torch.device) -> InferConfig:
-        """The inference settings of whole-slide validation, on ``device``."""
-        return replace(self.infer, device=str(device))
+        shared = {name: getattr(self.data, name) for name in SHARED_FIELDS}
+        self.infer = InferConfig(**{**_as_dict(self.infer), **shared})
 
 
 def _as_dict(section) -> dict:
@@ -541,7 +534,7 @@ def _slide_dice(model, cfg: TrainConfig, ids: list[str], progress: bool) -> floa
     """Mean full-resolution Dice of the held-out slides through the submission path."""
     from kit.evaluate import evaluate_slides
 
-    infer_cfg = cfg.infer_config(next(model.parameters()).device)
+    infer_cfg = replace(cfg.infer, device=str(next(model.parameters()).device))
     table = evaluate_slides(cfg.data_dir, model.eval(), ids, infer_cfg, (), progress=progress)
     return float(table["dice"].mean())
 

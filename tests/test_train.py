@@ -243,7 +243,7 @@ def test_quick_preset_finds_glomeruli_on_a_held_out_slide(tmp_path):
         "quick", data_dir=str(data), out=str(tmp_path / "run"), valid=held_out, device="cpu",
         epochs=10, batch_size=4, eval_every=10, progress=False,  # 90 steps, scored once
     )  # fmt: skip
-    infer_cfg = cfg.infer_config(torch.device("cpu"))
+    infer_cfg = replace(cfg.infer, device="cpu")
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg.model).eval()
     before = evaluate_slides(data, untrained, held_out, infer_cfg, (), progress=False)["dice"]
