@@ -110,8 +110,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, help="competition folder (default: synthetic default)")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/tile-cache"))
-    p.add_argument("--window", type=int, default=quick["window"])
-    p.add_argument("--scale", type=int, default=quick["scale"])
+    p.add_argument("--window", type=int, default=quick["data"]["window"])
+    p.add_argument("--scale", type=int, default=quick["data"]["scale"])
     p.add_argument("--batch", type=int, default=quick["batch_size"])
     p.add_argument("--workers", type=int, default=quick["workers"])
     p.add_argument("--samples", type=int, default=160, help="samples timed per loader")
@@ -122,7 +122,7 @@ def main() -> None:
         from kit.synthetic import default_dataset
 
         args.data = default_dataset()
-    cfg = DataConfig(window=args.window, scale=args.scale, overlap=quick["tile_overlap"])
+    cfg = DataConfig(window=args.window, scale=args.scale, overlap=quick["data"]["overlap"])
     ids = train_ids(args.data)
 
     start = time.perf_counter()

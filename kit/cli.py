@@ -14,27 +14,109 @@ A user error (bad path, bad value) prints one line on stderr and exits with stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import typing
 from pathlib import Path
 
-# The argument definitions live next to what they configure; the work is imported per command.
-from kit import kaggle, wheels
+# The work of each command is imported when it runs; the configs are imported for their fields.
+from kit import checkpoint, kaggle, wheels
+from kit.data import DataConfig
+from kit.infer import InferConfig
 from kit.synthetic import DEFAULT_PARAMS as SYNTH
-from kit.train import add_train_arguments
+from kit.train import DERIVED_FIELDS, PRESETS, SHARED_FIELDS, TrainConfig, merge_config
+
+# --------------------------------------------------------------------------- flags from configs
+
+
+def add_config_arguments(parser, cls, *, taken: set[str], section="", prefix="", skip=()) -> None:
+    """One flag per field of dataclass ``cls``, its help from the field's metadata.
+
+    A field's flag is ``--name`` (or its metadata's ``flag``), or ``--{prefix}-name`` when an
+    earlier flag took that name. Fields of a section land in ``args`` as ``section.name``. Bool
+    fields get ``--x/--no-x``, list fields take one or more values, optional fields accept
+    ``none``; options not given are absent from ``args`` (the preset or default stays).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dest = f"{section}.{f.name}" if section else f.name
+        if dest in skip or f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        if flag in taken:
+            flag = f"--{prefix}-{f.name.replace('_', '-')}"
+        taken.add(flag)
+        kwargs = _value_kwargs(hints[f.name])
+        if "action" not in kwargs:
+            kwargs["metavar"] = f.metadata.get("metavar") or flag[2:].replace("-", "_").upper()
+        parser.add_argument(
+            flag, dest=dest, default=argparse.SUPPRESS, help=f.metadata.get("help"),
+            required=f.metadata.get("required", False), **kwargs,
+        )  # fmt: skip
+
+
+def _value_kwargs(hint) -> dict:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = args[0] if optional else hint  # X | None (or str | torch.device | None): X
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(base) is list:
+        return {"nargs": "+"}
+    convert = base if base in (int, float) else str
+    return {"type": _or_none(convert) if optional else convert}
+
+
+def _or_none(convert):
+    def parse(text: str):
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = convert.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` options: every TrainConfig field; those of ``infer`` and ``data`` flat, or
+    ``--infer-x`` / ``--tile-x`` where a name is taken (``--infer-batch-size``, ``--tile-overlap``).
+    """
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named config")
+    parser.add_argument("--overwrite", action="store_true", help="start the run in --out over")
+    taken = {"--preset", "--overwrite"}
+    add_config_arguments(parser, TrainConfig, taken=taken)
+    for section, cls, prefix in (("infer", InferConfig, "infer"), ("data", DataConfig, "tile")):
+        add_config_arguments(
+            parser, cls, taken=taken, section=section, prefix=prefix, skip=DERIVED_FIELDS
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed ``train`` options: the preset (or defaults), then given options."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {"data": {}, "infer": {}}
+    for dest, value in vars(args).items():
+        section, _, name = dest.rpartition(".")
+        if section in given:
+            given[section][name] = value
+        elif dest in names:
+            given[dest] = value
+    if "valid" in given and "fold" in given:
+        raise ValueError("--valid and --fold exclude each other: give one")
+    if args.overwrite:
+        given["resume"] = False
+    return TrainConfig(**merge_config(PRESETS.get(args.preset or "", {}), given))
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def _synth(args: argparse.Namespace) -> None:
     from kit.synthetic import make_dataset
 
     out = make_dataset(
-        args.out,
-        slides=args.slides,
-        test_slides=args.test_slides,
-        size=tuple(args.size),
-        seed=args.seed,
-        patients=args.patients,
-        overwrite=args.overwrite,
-    )
+        args.out, slides=args.slides, test_slides=args.test_slides, size=tuple(args.size),
+        seed=args.seed, patients=args.patients, overwrite=args.overwrite,
+    )  # fmt: skip
     _describe_dataset(out)
 
 
@@ -48,33 +130,21 @@ def _describe_dataset(path: Path) -> None:
     print(f"  test slides ({len(test)}): {' '.join(test['id'])}")
 
 
-def _infer_config(args: argparse.Namespace, checkpoint: dict):
-    """Inference options: the checkpoint's training settings, then the command line's."""
+def _load(args: argparse.Namespace):
+    """The model, and the inference options: the checkpoint's, then the command line's."""
+    from kit.checkpoint import load_model
     from kit.infer import config_from_checkpoint
 
-    return config_from_checkpoint(
-        checkpoint,
-        overlap=args.overlap,
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-        device=args.device,
-        tta=True if args.tta else None,
-    )
-
-
-def _load(args: argparse.Namespace):
-    from kit.checkpoint import load_model
-
-    model, ckpt = load_model(args.weights, device=args.device)  # None: kit.device's default
-    return model, ckpt
+    model, ckpt = load_model(args.weights, device=getattr(args, "device", None))  # None: default
+    given = {k: v for k, v in vars(args).items() if k in InferConfig.__dataclass_fields__}
+    return model, config_from_checkpoint(ckpt, **given)
 
 
 def _predict(args: argparse.Namespace) -> None:
     from kit.checkpoint import fingerprint
     from kit.submit import check_submission, write_submission
 
-    model, ckpt = _load(args)
-    cfg = _infer_config(args, ckpt)
+    model, cfg = _load(args)
     out = write_submission(args.data, model, args.out, cfg, fingerprint=fingerprint(args.weights))
     check_submission(out, args.data)
     print(f"submission: {out}")
@@ -83,14 +153,13 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from kit.evaluate import evaluate_slides, format_report
 
-    model, ckpt = _load(args)
-    cfg = _infer_config(args, ckpt)
+    model, cfg = _load(args)
     table = evaluate_slides(args.data, model, args.slides, cfg)
     print(format_report(table))
 
 
 def _train(args: argparse.Namespace) -> None:
-    from kit.train import config_from_args, fit
+    from kit.train import fit
 
     result = fit(config_from_args(args))
     if result.get("rank", 0) == 0:
@@ -101,6 +170,60 @@ def _demo(args: argparse.Namespace) -> None:
     from kit.demo import run_demo
 
     run_demo(args.out, data=args.data)
+
+
+def _export(args: argparse.Namespace) -> None:
+    """Export the model dataset; warn when the kernel does not attach it."""
+    root = Path(args.root) if args.root else kaggle.repo_root()
+    out = checkpoint.export_model(
+        args.run_dir, args.out, which=args.which, user=args.user, slug=args.slug,
+        title=args.title, keep_training_state=args.keep_training_state, root=root,
+    )  # fmt: skip
+    meta = json.loads((out / kaggle.DATASET_METADATA).read_text())
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name} ({kaggle.human_size(path)})")
+    print(f"model dataset {meta['id']}: {out}")
+    kernel = root / kaggle.KERNEL_METADATA
+    if kernel.is_file():
+        sources = json.loads(kernel.read_text()).get("dataset_sources", [])
+        if meta["id"] not in sources:
+            print(f"warning: {kernel} does not attach {meta['id']} (dataset_sources: {sources})")
+    if meta["id"].startswith(kaggle.PLACEHOLDER_USER + "/"):
+        print("warning: no Kaggle user recorded: python -m kit kaggle-metadata --user NAME")
+    print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")
+
+
+def _kaggle_metadata(args: argparse.Namespace) -> None:
+    """Record the user's name and fill it into every metadata file, or ``--check`` them."""
+    root = Path(args.root) if args.root else kaggle.repo_root()
+    files = kaggle.metadata_files(root, args.datasets)
+    if args.check:
+        kaggle.check_all_metadata(root, args.datasets, user=args.user)
+        print("metadata ready: " + ", ".join(str(p) for p in files))
+        return
+    for path in kaggle.fill_metadata(args.user, root=root, datasets=args.datasets):
+        print(f"wrote {path}")
+    user = kaggle.read_user(root)
+    print(f"Kaggle user: {user} (recorded in {root / kaggle.USER_FILE})")
+    if user == kaggle.PLACEHOLDER_USER:
+        print("warning: still the placeholder name: python -m kit kaggle-metadata --user NAME")
+    for path in files:
+        for problem in kaggle.metadata_problems(path):
+            print(f"warning: {path}: {problem}")
+
+
+def _wheels(args: argparse.Namespace) -> None:
+    """Build the wheelhouse(s); a kaggle wheelhouse also gets its dataset-metadata.json."""
+    root = Path(args.root) if args.root else kaggle.repo_root()
+    out = Path(args.out) if args.out else root / "wheels"
+    targets = wheels.TARGETS if args.target == "both" else (args.target,)
+    for target in targets:
+        wheels.build_target(out, target, requirements=args.requirements, root=root, log=print)
+    if "kaggle" in targets:
+        print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")
+
+
+# --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,11 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", type=Path, required=True, help="competition folder")
         p.add_argument("--weights", type=Path, required=True, help="a kit checkpoint (best.pt)")
-        p.add_argument("--overlap", type=int, help="tile overlap in full-resolution pixels")
-        p.add_argument("--threshold", type=float, help="probability threshold")
-        p.add_argument("--batch-size", type=int)
-        p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        # The window, scale and tissue rule are the checkpoint's.
+        add_config_arguments(p, InferConfig, taken=set(), skip=SHARED_FIELDS)
         if name == "predict":
             p.add_argument("--out", type=Path, default=Path("submission.csv"))
         else:
@@ -147,18 +267,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for all results")
     p.add_argument("--data", type=Path, help="use this dataset instead of the synthetic default")
     p.set_defaults(run=_demo)
-
-    for name, helptext in (
-        ("wheels", "build the offline wheelhouse for the Kaggle notebook"),
-        ("export", "write a model dataset (checkpoint + dataset-metadata.json)"),
-        ("kaggle-metadata", "fill your Kaggle user name into every metadata file"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        attr = name.replace("-", "_")
-        module = wheels if name == "wheels" else kaggle
-        getattr(module, f"add_{attr}_arguments")(p)
-        p.set_defaults(run=getattr(module, f"run_{attr}"))
+    _add_kaggle_commands(sub)
     return parser
+
+
+def _add_kaggle_commands(sub) -> None:
+    """wheels, export and kaggle-metadata."""
+    p = sub.add_parser("wheels", help="build the offline wheelhouse for the Kaggle notebook")
+    p.add_argument("--out", type=Path, help="default: <repo>/wheels; local target: OUT/local")
+    p.add_argument(
+        "--target", choices=(*wheels.TARGETS, "both"), default="kaggle",
+        help="kaggle: CPython 3.12 manylinux x86_64 (the Kaggle image); local: this interpreter",
+    )  # fmt: skip
+    p.add_argument("--requirements", type=Path, help="default: <repo>/wheels/requirements.txt")
+    p.add_argument("--root", type=Path, help="the kit's source tree (default: this repo)")
+    p.set_defaults(run=_wheels)
+
+    p = sub.add_parser("export", help="write a model dataset (checkpoint + dataset-metadata.json)")
+    # --run lands in args.run_dir: args.run is the command's handler.
+    p.add_argument("--run", dest="run_dir", metavar="RUN", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the model dataset folder")
+    p.add_argument("--which", choices=tuple(checkpoint.CHECKPOINTS), default="best")
+    p.add_argument("--slug", default=kaggle.MODEL_SLUG, help="dataset URL slug (6-50 characters)")
+    p.add_argument("--title", default=kaggle.MODEL_TITLE, help="dataset title (6-50 characters)")
+    p.add_argument("--user", help="Kaggle owner (default: the one in kaggle-user.txt)")
+    p.add_argument(
+        "--keep-training-state", action="store_true",
+        help="keep optimizer/scheduler state (only resuming training needs it)",
+    )  # fmt: skip
+    p.add_argument("--root", type=Path, help="the repository (default: this repo)")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser(
+        "kaggle-metadata", help="fill your Kaggle user name into every metadata file"
+    )
+    p.add_argument("--user", help="your Kaggle user name (recorded in kaggle-user.txt)")
+    p.add_argument("datasets", nargs="*", type=Path, help="model dataset folders to fill too")
+    p.add_argument(
+        "--check", action="store_true",
+        help="only validate every metadata file (fails on problems or an unset user name)",
+    )  # fmt: skip
+    p.add_argument("--root", type=Path, help="the repository (default: this repo)")
+    p.set_defaults(run=_kaggle_metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

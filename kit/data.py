@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from kit import atomic
+from kit.config import option
 from kit.polygons import rasterize
 from kit.progress import progress_bar
 from kit.rle import decode_columns, parse
@@ -52,20 +53,19 @@ INFO_CSV = "HuBMAP-20-dataset_information.csv"
 class DataConfig:
     """How training tiles are cut from the slides and which of them are kept."""
 
-    window: int = 1024  # side of a window read from the slide, full-resolution pixels
-    scale: int = 4  # downscale factor: tiles are window // scale pixels a side
-    overlap: int = 256  # overlap between neighbouring windows of the grid, full-resolution px
-    min_mask_fraction: float = 0.001  # glomerulus share of a window that makes it "positive"
+    window: int = option(1024, "side of a window read from the slide, full-resolution px")
+    scale: int = option(4, "downscale factor: the model sees window // scale px")
+    overlap: int = option(256, "overlap of the training tile grid, full-resolution px")
+    min_mask_fraction: float = option(0.001, "glomerulus share of a 'positive' window")
     # A negative window is "tissue" when inference would predict it: its core's tissue fraction,
-    # on the slide downscaled by scale, is above this (kit.tiling.has_tissue), else "background".
-    # As InferConfig.min_tissue: the same rule on the same pixels.
-    min_tissue: float = MIN_TISSUE
-    tissue_share: float = 0.5  # share of tissue-only negatives kept (the hard negatives)
-    background_share: float = 0.05  # share of background windows kept
-    mask_source: str = "rle"  # "rle": train.csv encodings; "json": train/{id}.json polygons
-    tissue_saturation: int = TISSUE_SATURATION  # HSV saturation (0..255) above which a pixel is
-    # tissue (kit.tiling.tissue_mask); as InferConfig.tissue_saturation
-    seed: int = 0  # chooses which negatives are kept
+    # on the slide downscaled by scale, is above min_tissue (kit.tiling.has_tissue), else
+    # "background". InferConfig.min_tissue is the same rule on the same pixels.
+    min_tissue: float = option(MIN_TISSUE, "tissue fraction above which a tile is tissue")
+    tissue_share: float = option(0.5, "share of tissue-only negatives kept (hard negatives)")
+    background_share: float = option(0.05, "share of background windows kept")
+    mask_source: str = option("rle", "'rle' (train.csv) or 'json' (train/{id}.json polygons)")
+    tissue_saturation: int = option(TISSUE_SATURATION, "HSV saturation (0..255) of tissue")
+    seed: int = option(0, "chooses which negatives are kept")
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.scale <= 0 or self.window % self.scale:

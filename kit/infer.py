@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kit.config import option
 from kit.device import amp_dtype
 from kit.rle import RleEncoder
 from kit.slides import Slide
@@ -106,26 +107,23 @@ class InferConfig:
     it, downscaled by ``scale``, not on a separate thumbnail (the slide is decoded only once).
     """
 
-    window: int = 1024  # side of the full-resolution window read from the slide (px)
-    overlap: int = 256  # least overlap between neighbouring windows (px); cores meet mid-overlap
-    scale: int = 4  # downscale factor: the predictor sees windows of window // scale px
-    threshold: float = 0.5  # mask = probability > threshold (strict)
-    tta: bool = False  # average probabilities over identity, hflip, vflip and hvflip
-    upsample: str = "bilinear"  # back to full resolution: "bilinear" (align_corners=False) or
-    # "nearest" (each low-resolution pixel becomes a scale x scale block)
-    batch_size: int = 8  # windows per predictor call (per flip with tta)
-    tissue: bool = True  # skip tiles whose core shows no tissue: 0, never predicted (judged on
-    # the core's pixels downscaled by scale, as read for the predictor; no thumbnail pass)
-    tissue_saturation: int = TISSUE_SATURATION  # HSV saturation (0..255) above which a pixel
-    # is tissue (kit.tiling.tissue_mask); as DataConfig.tissue_saturation
-    min_tissue: float = MIN_TISSUE  # tiles whose core's tissue fraction is <= this are skipped
-    # (kit.tiling.has_tissue); as DataConfig.min_tissue, whose "tissue" negatives are the rest
-    device: str | torch.device | None = None  # None: where the predictor's parameters are, or CPU
-    amp: bool | None = None  # CUDA autocast (kit.device.amp_dtype: bf16 on Ampere+, else fp16);
-    # None: on for CUDA (never used on other devices)
-    workers: int = 1  # 0 reads in the calling thread, otherwise one reader thread with its own
-    # Slide (strips are decoded in order, each column once; GDAL decodes with GDAL_THREADS)
-    prefetch: int = 4  # batches read ahead of the predictor (bounds the queue's memory)
+    window: int = option(1024, "side of the full-resolution window read from the slide (px)")
+    overlap: int = option(256, "least overlap of neighbouring windows (px); cores meet midway")
+    scale: int = option(4, "downscale factor: the predictor sees windows of window // scale px")
+    threshold: float = option(0.5, "mask = probability > threshold")
+    tta: bool = option(False, "average probabilities over identity, hflip, vflip and hvflip")
+    upsample: str = option("bilinear", "bilinear (align_corners=False) or nearest")
+    batch_size: int = option(8, "windows per predictor call (per flip with tta)")
+    tissue: bool = option(True, "tiles whose core shows no tissue are 0, never predicted")
+    tissue_saturation: int = option(TISSUE_SATURATION, "HSV saturation (0..255) of tissue")
+    # As DataConfig.min_tissue, whose "tissue" negatives are the tiles inference predicts.
+    min_tissue: float = option(MIN_TISSUE, "tiles whose core's tissue fraction is <= this skip")
+    device: str | torch.device | None = option(None, "cpu, cuda ... (default: the predictor's)")
+    amp: bool | None = option(None, "CUDA autocast (bf16 on Ampere+, else fp16); default: on CUDA")
+    # workers: 0 reads in the calling thread, otherwise one reader thread with its own Slide
+    # (strips are decoded in order, each column once; GDAL decodes with GDAL_THREADS).
+    workers: int = option(1, "slide reader threads (0: read in the calling thread)")
+    prefetch: int = option(4, "batches read ahead of the predictor (bounds the queue's memory)")
 
     def __post_init__(self) -> None:
         for name in ("window", "scale", "batch_size", "prefetch"):
@@ -166,11 +164,13 @@ def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
     """The inference settings a kit checkpoint was trained and validated with.
 
     Takes ``window``, ``scale``, ``overlap``, ``threshold``, ``tta`` and ``min_tissue`` (the
-    tissue rule its negatives were chosen by) from the checkpoint's ``config`` (missing ones
-    keep `InferConfig`'s defaults), then applies ``overrides``; an override of None is
-    ignored, so command-line options can be passed through as they are.
+    tissue rule its negatives were chosen by) from the checkpoint's ``config``: its ``infer``
+    section (kit.train.TrainConfig), or the flat fields of checkpoints written before it had
+    sections. Missing ones keep `InferConfig`'s defaults; then ``overrides`` apply, an override
+    of None ignored, so command-line options can be passed through as they are.
     """
     trained = checkpoint.get("config") or {}
+    trained = trained.get("infer", trained)  # flat: the overlap, threshold... of inference
     names = ("window", "scale", "overlap", "threshold", "tta", "min_tissue")
     base = {name: trained[name] for name in names if trained.get(name) is not None}
     given = {name: value for name, value in overrides.items() if value is not None}

@@ -27,7 +27,6 @@ internet on), booleans written as strings, a title that does not slug to the id.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -469,7 +468,7 @@ def fill_metadata(
     previous = read_user(root)
     user = validate_user(user) if user is not None else previous
     updated = []
-    for path in _metadata_files(root, datasets):
+    for path in metadata_files(root, datasets):
         meta, problems = _load_json_object(path)
         if meta is None:
             raise (FileNotFoundError if not path.exists() else ValueError)(problems[0])
@@ -481,94 +480,9 @@ def fill_metadata(
     return [path for path, _ in updated]
 
 
-def file_size(path: Path) -> str:
+def human_size(path: Path) -> str:
     """The size of the file ``path`` in megabytes, as shown in logs ("12.3 MB")."""
     return f"{path.stat().st_size / 1e6:.1f} MB"
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m kit export`` (``--run`` lands in ``args.run_dir``: the CLI keeps
-    its handler in ``args.run``)."""
-    parser.add_argument(
-        "--run", dest="run_dir", metavar="RUN", type=Path, required=True, help="a training run"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="the model dataset folder")
-    from kit.checkpoint import CHECKPOINTS
-
-    parser.add_argument("--which", choices=tuple(CHECKPOINTS), default="best")
-    parser.add_argument("--slug", default=MODEL_SLUG, help="dataset URL slug (6-50 characters)")
-    parser.add_argument("--title", default=MODEL_TITLE, help="dataset title (6-50 characters)")
-    parser.add_argument("--user", help="Kaggle owner (default: the one in kaggle-user.txt)")
-    parser.add_argument(
-        "--keep-training-state",
-        action="store_true",
-        help="keep optimizer/scheduler state (only resuming training needs it)",
-    )
-    parser.add_argument("--root", type=Path, help="the repository (default: this repo)")
-
-
-def run_export(args: argparse.Namespace) -> None:
-    """Export the model dataset; warn when the kernel does not attach it."""
-    root = Path(args.root) if args.root else repo_root()
-    from kit.checkpoint import export_model
-
-    out = export_model(
-        args.run_dir,
-        args.out,
-        which=args.which,
-        user=args.user,
-        slug=args.slug,
-        title=args.title,
-        keep_training_state=args.keep_training_state,
-        root=root,
-    )
-    meta = json.loads((out / DATASET_METADATA).read_text())
-    for path in sorted(out.iterdir()):
-        print(f"  {path.name} ({file_size(path)})")
-    print(f"model dataset {meta['id']}: {out}")
-    kernel = root / KERNEL_METADATA
-    if kernel.is_file():
-        sources = json.loads(kernel.read_text()).get("dataset_sources", [])
-        if meta["id"] not in sources:
-            print(f"warning: {kernel} does not attach {meta['id']} (dataset_sources: {sources})")
-    if meta["id"].startswith(PLACEHOLDER_USER + "/"):
-        print("warning: no Kaggle user recorded: python -m kit kaggle-metadata --user NAME")
-    print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")
-
-
-def add_kaggle_metadata_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m kit kaggle-metadata``."""
-    parser.add_argument("--user", help="your Kaggle user name (recorded in kaggle-user.txt)")
-    parser.add_argument(
-        "datasets", nargs="*", type=Path, help="model dataset folders (exports) to fill too"
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="only validate every metadata file (fails on problems or an unset user name)",
-    )
-    parser.add_argument("--root", type=Path, help="the repository (default: this repo)")
-
-
-def run_kaggle_metadata(args: argparse.Namespace) -> None:
-    """Record the user's name and fill it into every metadata file, or ``--check`` them."""
-    root = Path(args.root) if args.root else repo_root()
-    if args.check:
-        check_all_metadata(root, args.datasets, user=args.user)
-        print("metadata ready: " + ", ".join(str(p) for p in _metadata_files(root, args.datasets)))
-        return
-    for path in fill_metadata(args.user, root=root, datasets=args.datasets):
-        print(f"wrote {path}")
-    user = read_user(root)
-    print(f"Kaggle user: {user} (recorded in {root / USER_FILE})")
-    if user == PLACEHOLDER_USER:
-        print("warning: still the placeholder name: python -m kit kaggle-metadata --user NAME")
-    for path in _metadata_files(root, args.datasets):
-        for problem in _validate(path):
-            print(f"warning: {path}: {problem}")
 
 
 def check_all_metadata(
@@ -580,8 +494,8 @@ def check_all_metadata(
     problems = []
     if user == PLACEHOLDER_USER:
         problems.append(f"{root / USER_FILE}: no user name recorded (kaggle-metadata --user NAME)")
-    for path in _metadata_files(root, datasets):
-        found = _validate(path)
+    for path in metadata_files(root, datasets):
+        found = metadata_problems(path)
         if not found:
             owner = json.loads(path.read_text())["id"].split("/")[0]
             if owner != user:
@@ -591,14 +505,14 @@ def check_all_metadata(
         raise ValueError("metadata not ready:\n  " + "\n  ".join(problems))
 
 
-def _validate(path: Path) -> list[str]:
+def metadata_problems(path: Path) -> list[str]:
     """The problems of a kernel (as a competition submission) or dataset metadata file."""
     if path.name == KERNEL_METADATA:
         return validate_kernel_metadata(path, offline_competition=COMPETITION)
     return validate_dataset_metadata(path)
 
 
-def _metadata_files(root: Path, datasets: Iterable[str | os.PathLike]) -> list[Path]:
+def metadata_files(root: Path, datasets: Iterable[str | os.PathLike]) -> list[Path]:
     return [root / KERNEL_METADATA, root / "wheels" / DATASET_METADATA] + [
         Path(d) / DATASET_METADATA for d in datasets
     ]

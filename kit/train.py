@@ -5,7 +5,7 @@
         --preset full --fold 0
     torchrun --nproc_per_node 2 -m kit train --data DIR --out runs/ddp --preset full
 
-A run folder holds ``config.json`` (the TrainConfig and DataConfig), ``history.csv`` (one row per
+A run folder holds ``config.json`` (the TrainConfig, sections included), ``history.csv`` (a row per
 finished epoch), ``last.pt`` (model, optimizer, scheduler and scaler state: what resuming needs)
 and ``best.pt`` (the epoch with the best whole-slide Dice on the held-out slides). Running the same
 command again after a crash continues from ``last.pt``: only the epoch in progress is lost.
@@ -17,9 +17,7 @@ on the held-out tiles is logged every epoch.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -27,7 +25,7 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kit import atomic
 from kit.checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint
+from kit.config import option
 from kit.data import (
     DataConfig,
     TileDataset,
@@ -51,6 +50,7 @@ from kit.data import (
     train_transforms,
 )
 from kit.device import amp_dtype, rank_device
+from kit.infer import InferConfig
 from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore
 from kit.model import build_model
@@ -59,77 +59,61 @@ from kit.progress import progress_bar, show_progress
 # Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).
 DEFAULT_FOLDS = 4
 # Fields that change how a run executes but not what it computes: a resumed run may differ in them.
-RUNTIME_FIELDS = ("resume", "workers", "device", "progress", "cache_dir")
+RUNTIME_FIELDS = (
+    "resume", "workers", "device", "progress", "cache_dir",
+    "infer.device", "infer.workers", "infer.prefetch",
+)  # fmt: skip
+# Inference settings set once, in the data section: the model predicts the windows it learned on.
+SHARED_FIELDS = ("window", "scale", "min_tissue", "tissue_saturation")
+# Fields set from other fields (see TrainConfig; the device: the model's): no command-line flag.
+DERIVED_FIELDS = ("data.seed", "infer.device", *(f"infer.{name}" for name in SHARED_FIELDS))
 HISTORY_FIELDS = (
-    "epoch",
-    "lr",
-    "train_loss",
-    "valid_loss",
-    "tile_dice",
-    "slide_dice",
-    "tiles_per_s",
-    "seconds",
-)
+    "epoch", "lr", "train_loss", "valid_loss", "tile_dice", "slide_dice", "tiles_per_s", "seconds",
+)  # fmt: skip
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; saved in config.json and in every checkpoint."""
+    """Everything a training run depends on; saved in config.json and in every checkpoint.
 
-    # --- data and run folder
-    data_dir: str = "data"  # competition layout: train.csv, train/{id}.tiff, dataset info csv
-    out: str = "runs/train"  # run folder: config.json, history.csv, best.pt, last.pt
-    cache_dir: str | None = None  # tile cache; None: <out>/../tile-cache (shared by runs)
-    # --- held-out slides: `valid` if given, else fold `fold` of a grouped k-fold
-    valid: list[str] = field(default_factory=list)  # held-out slide ids
-    fold: int = 0  # which fold to hold out (0-based)
-    # Number of folds; None: DEFAULT_FOLDS, or one per group when there are fewer groups.
-    n_folds: int | None = None
-    # "patient" (HuBMAP-20-dataset_information.csv) or "slide"; None: by patient, or by slide
-    # when the training slides come from a single patient.
-    group_by: str | None = None
-    # --- tiles (kit.data.DataConfig); window and scale are also the inference settings
-    window: int = DataConfig.window  # full-resolution window side
-    scale: int = DataConfig.scale  # downscale factor: the model sees window // scale pixels
-    tile_overlap: int = DataConfig.overlap  # overlap of the training tile grid (full-res px)
-    min_mask_fraction: float = DataConfig.min_mask_fraction  # glomerulus share of a positive
-    # The tissue rule (kit.tiling.has_tissue) of both the "tissue" vs "background" negatives and
-    # the tiles whole-slide inference predicts: one threshold, so the model learns on the windows
-    # inference shows it.
-    min_tissue: float = DataConfig.min_tissue
-    tissue_share: float = DataConfig.tissue_share  # share of tissue-only negatives kept
-    background_share: float = DataConfig.background_share  # share of background windows kept
-    mask_source: str = DataConfig.mask_source  # "rle" (train.csv) or "json" (polygons)
-    # --- model
-    model: str = "fcn_resnet50"  # a kit.model.MODEL_NAMES entry
-    pretrained: str | None = None  # None (random init), "auto" (local torchvision files) or a path
-    # BatchNorm momentum override. torchvision's MobileNetV3 uses 0.01: its running statistics
-    # then lag far behind the weights in a run of a few hundred steps, and the model in eval mode
-    # predicts nothing. None keeps the architecture's own.
-    bn_momentum: float | None = None
-    # --- optimisation: AdamW, linear warmup then cosine decay, stepped per batch
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 3e-4  # peak learning rate
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0  # linear warmup from ~0 to lr
-    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
-    bce_weight: float = 0.8
-    dice_weight: float = 0.2
-    grad_clip: float | None = 1.0  # max gradient norm; None: no clipping
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16); CPU: off
-    seed: int = 0  # model init, data order, augmentation and tile selection
-    # --- validation and inference (the checkpoint carries them to kit.infer)
-    eval_every: int = 1  # whole-slide validation every n epochs (always on the last epoch)
-    overlap: int = 256  # inference window overlap, full-resolution px
-    threshold: float = 0.5  # mask = probability > threshold
-    tta: bool = False  # flip test-time augmentation during whole-slide validation
-    infer_batch_size: int = 8  # windows per forward pass in whole-slide validation
-    # --- runtime (may differ when a run is resumed)
-    workers: int = 2  # DataLoader worker processes
-    device: str | None = None  # None: cuda:LOCAL_RANK if available, else cpu
-    progress: bool | None = None  # tqdm bars; None: on a terminal or in Jupyter
-    resume: bool = True  # continue the run found in `out`; False: start it over
+    ``data`` holds the tile settings (kit.data.DataConfig), ``infer`` those of whole-slide
+    validation and of the submission (kit.infer.InferConfig); either may be given as a dict of
+    its fields. Window, scale and the tissue rule are set once, in ``data``: ``infer`` takes
+    them from it (the model predicts the windows it learned on), and ``data.seed`` is ``seed``.
+    """
+
+    data_dir: str = option("data", "competition folder", flag="--data", required=True)
+    out: str = option("runs/train", "run folder (resumed if it exists)", required=True)
+    cache_dir: str | None = option(None, "tile cache folder (default: beside --out)")
+    # Held-out slides: `valid` if given, else fold `fold` of a grouped k-fold.
+    valid: list[str] = option(help="held-out slide ids", factory=list, metavar="ID")
+    fold: int = option(0, "hold out this fold of a grouped k-fold (0-based)")
+    n_folds: int | None = option(None, f"folds (default {DEFAULT_FOLDS}, or one per group)")
+    group_by: str | None = option(None, "patient or slide (default: patient if several)")
+    model: str = option("fcn_resnet50", "kit.model name, e.g. fcn_resnet50")
+    pretrained: str | None = option(None, "'auto' (local torchvision files), a .pth file or none")
+    # torchvision's MobileNetV3 uses 0.01: its running statistics then lag far behind the weights
+    # in a run of a few hundred steps, and the model in eval mode predicts nothing.
+    bn_momentum: float | None = option(None, "BatchNorm momentum (none: the architecture's)")
+    # Optimisation: AdamW, linear warmup then cosine decay, stepped per batch.
+    epochs: int = option(30, "training epochs")
+    batch_size: int = option(16, "training tiles per step")
+    lr: float = option(3e-4, "peak learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    warmup_epochs: float = option(1.0, "linear warmup from ~0 to lr")
+    min_lr_ratio: float = option(0.01, "the cosine ends at lr * min_lr_ratio")
+    bce_weight: float = option(0.8, "weight of BCE in the loss")
+    dice_weight: float = option(0.2, "weight of soft Dice in the loss")
+    grad_clip: float | None = option(1.0, "max gradient norm (none: no clipping)")
+    amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
+    seed: int = option(0, "model init, data order, augmentation and tile selection")
+    eval_every: int = option(1, "whole-slide validation every n epochs (and the last)")
+    workers: int = option(2, "DataLoader worker processes")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK or cpu)")
+    progress: bool | None = option(None, "progress bars (default: on a terminal or in Jupyter)")
+    resume: bool = option(True, "continue the run found in --out (--overwrite: start over)")
+    data: DataConfig = field(default_factory=DataConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def __post_init__(self) -> None:
         if self.group_by not in (None, "patient", "slide"):
@@ -140,36 +124,13 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.valid = list(self.valid)
-        self.data_config()  # validates the tile settings
+        self.data = DataConfig(**{**_as_dict(self.data), "seed": self.seed})
+        shared = {name: getattr(self.data, name) for name in SHARED_FIELDS}
+        self.infer = InferConfig(**{**_as_dict(self.infer), **shared})
 
-    def data_config(self) -> DataConfig:
-        """The tile settings of this run."""
-        return DataConfig(
-            window=self.window,
-            scale=self.scale,
-            overlap=self.tile_overlap,
-            min_mask_fraction=self.min_mask_fraction,
-            min_tissue=self.min_tissue,
-            tissue_share=self.tissue_share,
-            background_share=self.background_share,
-            mask_source=self.mask_source,
-            seed=self.seed,
-        )
 
-    def infer_config(self, device: torch.device):
-        """The inference settings of whole-slide validation (those of the submission)."""
-        from kit.infer import InferConfig
-
-        return InferConfig(
-            window=self.window,
-            scale=self.scale,
-            overlap=self.overlap,
-            threshold=self.threshold,
-            tta=self.tta,
-            min_tissue=self.min_tissue,
-            batch_size=self.infer_batch_size,
-            device=str(device),
-        )
+def _as_dict(section) -> dict:
+    return dict(section) if isinstance(section, Mapping) else asdict(section)
 
 
 PRESETS = {
@@ -180,45 +141,52 @@ PRESETS = {
     "quick": dict(
         model="lraspp_mobilenet_v3_large",
         bn_momentum=0.1,
-        window=256,
-        scale=2,
-        tile_overlap=0,
-        tissue_share=1.0,
-        background_share=0.2,
         epochs=12,
         batch_size=8,
         lr=2e-3,
         weight_decay=1e-4,
         warmup_epochs=0.5,
         eval_every=3,
-        overlap=64,
         workers=0,  # on 2 cores a worker process competes with the training step's threads
+        data=dict(window=256, scale=2, overlap=0, tissue_share=1.0, background_share=0.2),
+        infer=dict(overlap=64),
     ),
     # Competition settings for one GPU (or several under torchrun): 1024 px windows seen at 256 px,
     # FCN-ResNet50 from torchvision's COCO (or ImageNet backbone) weights attached locally.
     "full": dict(
         model="fcn_resnet50",
         pretrained="auto",
-        window=1024,
-        scale=4,
-        tile_overlap=256,
         epochs=35,
         batch_size=16,
         lr=2e-4,
         weight_decay=1e-4,
         warmup_epochs=1.0,
         eval_every=5,
-        overlap=256,
         workers=4,
+        data=dict(window=1024, scale=4, overlap=256),
+        infer=dict(overlap=256),
     ),
 }
 
 
 def preset(name: str, **overrides) -> TrainConfig:
-    """A named TrainConfig (see PRESETS), with fields replaced by ``overrides``."""
+    """A named TrainConfig (see PRESETS), with fields replaced by ``overrides``.
+
+    ``data`` and ``infer`` overrides are dicts merged into the preset's sections, e.g.
+    ``preset("quick", epochs=3, data={"window": 128}, infer={"tta": True})``.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return TrainConfig(**{**PRESETS[name], **overrides})
+    return TrainConfig(**merge_config(PRESETS[name], overrides))
+
+
+def merge_config(base: Mapping, overrides: Mapping) -> dict:
+    """``base`` with ``overrides``; the ``data`` and ``infer`` dicts merged field by field."""
+    merged = {**base, **overrides}
+    for section in ("data", "infer"):
+        if isinstance(overrides.get(section), Mapping):
+            merged[section] = {**base.get(section, {}), **overrides[section]}
+    return merged
 
 
 # --------------------------------------------------------------------------- steps
@@ -343,7 +311,7 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
         if ctx.rank == 0:  # the others wait at the barrier while rank 0 validates and writes
             row |= evaluate(
                 model, data.valid_dl, criterion, device=device, amp_dtype=dtype,
-                threshold=cfg.threshold, progress=data.progress,
+                threshold=cfg.infer.threshold, progress=data.progress,
             )  # fmt: skip
             row["slide_dice"] = math.nan
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
@@ -440,7 +408,7 @@ def tile_caches(cfg: TrainConfig, ids: list[str], progress: bool | None = None) 
     runs with the same tile settings share it.
     """
     cache_dir = Path(cfg.cache_dir or Path(cfg.out).resolve().parent / "tile-cache")
-    return build_tile_caches(cfg.data_dir, ids, cfg.data_config(), cache_dir, progress=progress)
+    return build_tile_caches(cfg.data_dir, ids, cfg.data, cache_dir, progress=progress)
 
 
 @dataclass
@@ -568,7 +536,7 @@ def _slide_dice(model, cfg: TrainConfig, ids: list[str], progress: bool) -> floa
     """Mean full-resolution Dice of the held-out slides through the submission path."""
     from kit.evaluate import evaluate_slides
 
-    infer_cfg = cfg.infer_config(next(model.parameters()).device)
+    infer_cfg = replace(cfg.infer, device=str(next(model.parameters()).device))
     table = evaluate_slides(cfg.data_dir, model.eval(), ids, infer_cfg, (), progress=progress)
     return float(table["dice"].mean())
 
@@ -607,15 +575,31 @@ def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed):
     if ctx.rank == 0 and state is None:
         for name in ("history.csv", "best.pt", "last.pt"):
             (run / name).unlink(missing_ok=True)
-        document = {"train": asdict(cfg), "data": asdict(cfg.data_config())}
+        document = {"train": asdict(cfg)}
         atomic.write_text(run / "config.json", json.dumps(document, indent=1))
     ctx.barrier()
     return state
 
 
+# Flat names of run folders written before TrainConfig had sections -> dotted names.
+_FLAT_NAMES = {
+    **{n: f"data.{n}" for n in ("window", "scale", "min_mask_fraction", "min_tissue")},
+    **{n: f"data.{n}" for n in ("tissue_share", "background_share", "mask_source")},
+    "tile_overlap": "data.overlap", "overlap": "infer.overlap", "threshold": "infer.threshold",
+    "tta": "infer.tta", "infer_batch_size": "infer.batch_size",
+}  # fmt: skip
+
+
 def config_diff(saved: dict, current: dict) -> list[str]:
-    """``"field: saved -> current"`` for every field that differs (runtime fields aside)."""
-    keys = (set(saved) | set(current)) - set(RUNTIME_FIELDS)
+    """``"field: saved -> current"`` for every field that differs (runtime fields aside).
+
+    Fields of the sections are named with dots (``data.window``). A flat ``saved`` config (of
+    an older kit) is compared on the fields it has.
+    """
+    flat = not isinstance(saved.get("data"), Mapping)
+    saved = {_FLAT_NAMES.get(k, k) if flat else k: v for k, v in _dotted(saved).items()}
+    current = _dotted(current)
+    keys = (set(saved) if flat else set(saved) | set(current)) - set(RUNTIME_FIELDS)
     missing = object()
     out = []
     for key in sorted(keys):
@@ -627,6 +611,17 @@ def config_diff(saved: dict, current: dict) -> list[str]:
                 f"{key}: {'(absent)' if a is missing else a!r} -> "
                 f"{'(absent)' if b is missing else b!r}"
             )
+    return out
+
+
+def _dotted(config: Mapping, prefix: str = "") -> dict:
+    """A nested config as one dict with dotted keys."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
     return out
 
 
@@ -738,60 +733,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``train`` subcommand's options (kit.cli); unset options keep the preset's values."""
-    p = parser
-    p.add_argument("--data", type=Path, required=True, help="competition folder (train.csv ...)")
-    p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
-    held = p.add_mutually_exclusive_group()
-    held.add_argument("--valid", nargs="+", metavar="ID", help="held-out slide ids")
-    held.add_argument("--fold", type=int, help="hold out this fold of a grouped k-fold")
-    p.add_argument("--n-folds", type=int)
-    p.add_argument("--group-by", choices=("patient", "slide"))
-    p.add_argument("--model", help="kit.model name, e.g. fcn_resnet50")
-    p.add_argument("--pretrained", help="'auto', a .pth file or 'none' (default: the preset's)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--window", type=int, help="full-resolution window side")
-    p.add_argument("--scale", type=int, help="downscale factor")
-    p.add_argument("--tile-overlap", type=int, help="overlap of the training tile grid")
-    p.add_argument("--eval-every", type=int, help="whole-slide validation every n epochs")
-    p.add_argument("--overlap", type=int, help="inference overlap for validation (full-res px)")
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--cache-dir", type=Path, help="tile cache folder (default: beside --out)")
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("--overwrite", action="store_true", help="start the run in --out over")
-
-
-# argparse destination -> TrainConfig field, where they differ.
-_ARG_FIELDS = {"data": "data_dir", "out": "out"}
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed ``train`` options: the preset (or defaults), then given options."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {}
-    for dest, value in vars(args).items():
-        name = _ARG_FIELDS.get(dest, dest)
-        if name in names and value is not None:
-            given[name] = str(value) if isinstance(value, Path) else value
-    if getattr(args, "valid", None):
-        given["valid"] = list(args.valid)
-    if getattr(args, "overwrite", False):
-        given["resume"] = False
-    if str(given.get("pretrained", "")).lower() == "none":
-        given["pretrained"] = None
-    base = PRESETS.get(getattr(args, "preset", None) or "", {})
-    return TrainConfig(**{**base, **given})

@@ -12,7 +12,6 @@ what is shipped is either in the Kaggle image (``KAGGLE_IMAGE``) or in the wheel
 
 from __future__ import annotations
 
-import argparse
 import email
 import os
 import re
@@ -28,7 +27,7 @@ from typing import NamedTuple
 from kit import atomic
 from kit.kaggle import (
     DATASET_METADATA,
-    file_size,
+    human_size,
     read_user,
     repo_root,
     wheels_dataset_metadata,
@@ -166,10 +165,10 @@ def build_wheelhouse(
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest))
     try:
         built = [build_kit_wheel(staging, root)]
-        log(f"  {built[0].name} ({file_size(built[0])})")
+        log(f"  {built[0].name} ({human_size(built[0])})")
         for pin in pins:
             built.append(download_wheel(pin, staging, target))
-            log(f"  {built[-1].name} ({file_size(built[-1])})")
+            log(f"  {built[-1].name} ({human_size(built[-1])})")
         unmet = unmet_dependencies(built, target)
         if unmet:
             raise WheelError(
@@ -325,33 +324,14 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def add_wheels_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m kit wheels``."""
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="wheelhouse folder (default: <repo>/wheels); the local target goes to OUT/local",
-    )
-    parser.add_argument(
-        "--target",
-        choices=(*TARGETS, "both"),
-        default="kaggle",
-        help="kaggle: CPython 3.12 manylinux x86_64 (the Kaggle image); local: this interpreter",
-    )
-    parser.add_argument("--requirements", type=Path, help="default: <repo>/wheels/requirements.txt")
-    parser.add_argument("--root", type=Path, help="the kit's source tree (default: this repo)")
-
-
-def run_wheels(args: argparse.Namespace) -> None:
-    """Build the wheelhouse(s); a kaggle wheelhouse also gets its dataset-metadata.json."""
-    root = Path(args.root) if args.root else repo_root()
-    out = Path(args.out) if args.out else root / "wheels"
-    targets = TARGETS if args.target == "both" else (args.target,)
-    for target in targets:
-        dest = out if target == "kaggle" else out / "local"
-        print(f"{target} wheelhouse: {dest}")
-        build_wheelhouse(dest, target, requirements=args.requirements, root=root, log=print)
-        if target == "kaggle" and not (dest / DATASET_METADATA).is_file():
-            atomic.write_json(dest / DATASET_METADATA, wheels_dataset_metadata(read_user(root)))
-    if "kaggle" in targets:
-        print(f"publish: kaggle datasets create -p {out}  (new version: kaggle datasets version)")
+def build_target(
+    out: str | os.PathLike, target: str, *, root: Path, requirements=None, log=print
+) -> Path:
+    """The wheelhouse of ``target``: ``out`` for kaggle (with its dataset-metadata.json, kept if
+    present), ``out/local`` for local."""
+    dest = Path(out) if target == "kaggle" else Path(out) / "local"
+    log(f"{target} wheelhouse: {dest}")
+    build_wheelhouse(dest, target, requirements=requirements, root=root, log=log)
+    if target == "kaggle" and not (dest / DATASET_METADATA).is_file():
+        atomic.write_json(dest / DATASET_METADATA, wheels_dataset_metadata(read_user(root)))
+    return dest

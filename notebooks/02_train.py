@@ -62,7 +62,10 @@ from kit.train import fit, preset, split, tile_caches
 #
 # A `TrainConfig` preset: `full` (FCN-ResNet50, 1024 px windows seen at 256 px, for a GPU) on the
 # competition data, `quick` on the synthetic dataset. Change fields with keyword arguments, e.g.
-# `valid=["aaa6a05cc"]` to hold out given slides instead of fold `fold` of a grouped k-fold.
+# `valid=["aaa6a05cc"]` to hold out given slides instead of fold `fold` of a grouped k-fold. The
+# tile settings (`cfg.data`) and those of validation and submission (`cfg.infer`) are sections:
+# change them with dicts, e.g. `data={"window": 512}` or `infer={"tta": True}`; window, scale and
+# the tissue rule are set in `data` only (`infer` follows them).
 
 # %%
 env = environment()

@@ -368,5 +368,8 @@ def test_config_from_checkpoint_takes_training_settings_then_overrides():
     assert cfg.min_tissue == 0.02  # the tissue rule the model's negatives were chosen by
     assert cfg.tta and cfg.batch_size == 3
     assert config_from_checkpoint({}).window == InferConfig().window
+    # The sectioned config of kit.train.TrainConfig: inference settings from its `infer` section.
+    nested = {"lr": 1e-3, "data": {"window": 512, "overlap": 0}, "infer": {**trained, "tta": True}}
+    assert config_from_checkpoint({"config": nested}) == InferConfig(**trained, tta=True)
     with pytest.raises(ValueError, match="overlap"):
         config_from_checkpoint(ckpt, overlap=512)

@@ -7,24 +7,24 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from kit.checkpoint import load_model, read_checkpoint
-from kit.data import read_patients, train_ids
+from kit.cli import add_train_arguments, config_from_args
+from kit.data import DataConfig, read_patients, train_ids
 from kit.evaluate import evaluate_slides
-from kit.infer import config_from_checkpoint
+from kit.infer import InferConfig, config_from_checkpoint
 from kit.model import build_model
 from kit.synthetic import make_dataset
 from kit.train import (
+    DERIVED_FIELDS,
     PRESETS,
     TrainConfig,
-    add_train_arguments,
     config_diff,
-    config_from_args,
     fit,
     preset,
     split,
@@ -82,15 +82,25 @@ def test_warmup_then_cosine():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_sets_its_fields_and_overrides_win(name):
     cfg = preset(name)
-    assert {key: getattr(cfg, key) for key in PRESETS[name]} == PRESETS[name]
-    changed = preset(name, epochs=cfg.epochs + 1, valid=["x"])
-    assert changed == replace(cfg, epochs=cfg.epochs + 1, valid=["x"])
+    saved = asdict(cfg)
+    for key, value in PRESETS[name].items():
+        if isinstance(value, dict):  # a section: its given fields
+            assert {k: saved[key][k] for k in value} == value
+        else:
+            assert saved[key] == value
+    assert (cfg.infer.window, cfg.infer.scale) == (cfg.data.window, cfg.data.scale)
+    window = 2 * cfg.data.window
+    changed = preset(name, epochs=cfg.epochs + 1, valid=["x"], data={"window": window})
+    assert changed == replace(
+        cfg, epochs=cfg.epochs + 1, valid=["x"], data=replace(cfg.data, window=window)
+    )
+    assert changed.data.scale == cfg.data.scale and changed.infer.window == window
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_model_maps_its_tiles_to_logits_of_the_same_size(name):
     cfg = preset(name)
-    side = cfg.window // cfg.scale  # what the network sees of each window
+    side = cfg.data.window // cfg.data.scale  # what the network sees of each window
     model = build_model(cfg.model).eval()  # random weights: no files needed
     with torch.no_grad():
         assert model(torch.rand(2, 3, side, side)).shape == (2, 1, side, side)
@@ -107,12 +117,22 @@ def test_config_checks_and_diff():
     with pytest.raises(ValueError, match="group_by"):
         TrainConfig(group_by="site")
     with pytest.raises(ValueError, match="multiple of scale"):
-        TrainConfig(window=1000, scale=3)
+        TrainConfig(data={"window": 1000, "scale": 3})
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+    wide = TrainConfig(data={"window": 2048}, infer={"overlap": 1500, "window": 64})
+    assert (wide.infer.window, wide.infer.overlap) == (2048, 1500)  # the window is data's
     a = TrainConfig(valid=["x"])
     b = replace(a, epochs=7, lr=1e-3, workers=9, device="cpu", valid=["x"])
-    assert config_diff(vars(a), vars(b)) == ["epochs: 30 -> 7", "lr: 0.0003 -> 0.001"]
+    b = replace(b, data=replace(b.data, overlap=0), infer=replace(b.infer, tta=True, workers=0))
+    assert config_diff(asdict(a), asdict(b)) == [
+        "data.overlap: 256 -> 0", "epochs: 30 -> 7", "infer.tta: False -> True",
+        "lr: 0.0003 -> 0.001",
+    ]  # fmt: skip
+    # The flat config.json of an older kit: compared on its own fields, by their new names.
+    flat = {"epochs": 30, "tile_overlap": 256, "overlap": 256, "infer_batch_size": 8, "seed": 0}
+    assert config_diff(flat, asdict(a)) == []
+    assert config_diff({**flat, "tile_overlap": 0}, asdict(a)) == ["data.overlap: 0 -> 256"]
 
 
 def test_config_from_command_line():
@@ -126,6 +146,28 @@ def test_config_from_command_line():
     )  # fmt: skip
     default = parse(["--data", "d", "--out", "r", "--fold", "2"])
     assert default == TrainConfig(data_dir="d", out="r", fold=2)
+    nested = parse(
+        ["--data", "d", "--out", "r", "--preset", "quick", "--window", "128", "--tile-overlap"]
+        + ["16", "--overlap", "32", "--infer-batch-size", "3", "--tta", "--grad-clip", "none"]
+    )
+    assert nested == preset(
+        "quick", data_dir="d", out="r", data={"window": 128, "overlap": 16},
+        infer={"overlap": 32, "batch_size": 3, "tta": True}, grad_clip=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--valid and --fold"):
+        parse(["--data", "d", "--out", "r", "--fold", "2", "--valid", "a"])
+
+
+def test_every_config_field_has_a_flag():
+    """A field added to TrainConfig, DataConfig or InferConfig gets its flag (or is derived)."""
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    dests = {action.dest for action in parser._actions}
+    sections = {"": TrainConfig, "data.": DataConfig, "infer.": InferConfig}
+    for prefix, cls in sections.items():
+        for f in fields(cls):
+            name = prefix + f.name
+            assert name in dests or name in DERIVED_FIELDS or f.name in ("data", "infer"), name
 
 
 def test_split_and_tile_caches_of_a_config(dataset, tmp_path):
@@ -141,7 +183,9 @@ def test_split_and_tile_caches_of_a_config(dataset, tmp_path):
     assert sorted(held) == sorted(ids)
     assert split(replace(cfg, valid=[ids[2]])) == (ids[:2], [ids[2]])
 
-    small = replace(cfg, window=128, scale=2, tile_overlap=0)
+    data = replace(cfg.data, window=128, scale=2, overlap=0)
+    small = replace(cfg, data=data, infer={"overlap": 32})
+    assert (small.infer.window, small.infer.scale, small.infer.overlap) == (128, 2, 32)
     folders = tile_caches(small, ids[:2], progress=False)
     assert [f.parent for f in folders] == [tmp_path / "runs" / "tile-cache"] * 2
     assert [f.name.split("-")[0] for f in folders] == ids[:2]
@@ -156,7 +200,7 @@ def test_fit_writes_a_run_folder_and_refuses_another_config(dataset, tmp_path):
         "best.pt", "config.json", "history.csv", "last.pt"
     ]  # fmt: skip
     saved = json.loads((run / "config.json").read_text())
-    assert saved["train"]["window"] == 128 and saved["data"]["overlap"] == 0
+    assert saved["train"]["data"]["window"] == 128 and saved["train"]["data"]["overlap"] == 0
     rows = read_history(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     dice = [float(r["slide_dice"]) for r in rows]
@@ -166,10 +210,10 @@ def test_fit_writes_a_run_folder_and_refuses_another_config(dataset, tmp_path):
     assert result["train_ids"] == train_ids(dataset)[1:]
 
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == 2 and last["config"]["scale"] == 2
+    assert last["epoch"] == 2 and last["config"]["data"]["scale"] == 2
     assert {"optimizer_state", "scheduler_state", "scaler_state"} <= set(last)
     model, best = load_model(run / "best.pt")
-    assert best["epoch"] == result["best_epoch"] and best["config"]["overlap"] == 32
+    assert best["epoch"] == result["best_epoch"] and best["config"]["infer"]["overlap"] == 32
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
     # Same command again: nothing left to do, nothing rewritten.
@@ -200,7 +244,7 @@ def test_quick_preset_finds_glomeruli_on_a_held_out_slide(tmp_path):
         "quick", data_dir=str(data), out=str(tmp_path / "run"), valid=held_out, device="cpu",
         epochs=10, batch_size=4, eval_every=10, progress=False,  # 90 steps, scored once
     )  # fmt: skip
-    infer_cfg = cfg.infer_config(torch.device("cpu"))
+    infer_cfg = replace(cfg.infer, device="cpu")
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg.model).eval()
     before = evaluate_slides(data, untrained, held_out, infer_cfg, (), progress=False)["dice"]
@@ -304,7 +348,7 @@ print("rank", result["rank"], "dice", result["best_dice"])
 def test_two_processes_train_in_step_and_write_once(dataset, tmp_path):
     run, weights = tmp_path / "ddp", tmp_path / "weights"
     weights.mkdir()
-    cfg = vars(parse(tiny_args(dataset, run, tmp_path / "cache")))
+    cfg = asdict(parse(tiny_args(dataset, run, tmp_path / "cache")))
     script = tmp_path / "train_ddp.py"
     script.write_text(DDP_SCRIPT.format(cfg=cfg, weights=weights))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -331,3 +375,10 @@ def test_two_processes_train_in_step_and_write_once(dataset, tmp_path):
         if line.startswith("rank ")
     }
     assert dice.keys() == {"0", "1"} and dice["0"] == dice["1"] != "nan"
+
+
+def test_a_trained_config_gives_its_inference_settings_to_the_checkpoint_reader():
+    cfg = preset("quick", data={"window": 512, "min_tissue": 0.02}, infer={"threshold": 0.4})
+    ckpt = {"config": asdict(cfg)}
+    assert config_from_checkpoint(ckpt) == replace(cfg.infer, device=None)
+    assert (cfg.infer.window, cfg.infer.min_tissue, cfg.infer.overlap) == (512, 0.02, 64)
