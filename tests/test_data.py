@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kit import data
+from kit.competition import INFO_CSV, read_polygons
 from kit.data import (
     DataConfig,
     TileDataset,
@@ -20,7 +21,6 @@ from kit.data import (
     index_slide,
     mask_source,
     read_patients,
-    read_polygons,
     select_tiles,
     slide_path,
     split_slides,
@@ -242,9 +242,8 @@ def test_json_masks_are_the_union_of_the_polygons_minus_their_holes(tmp_path):
     path = tmp_path / "train" / "s.json"
     path.write_text(json.dumps(doc))
 
-    rings = read_polygons(path)
-    assert [r.shape for r in rings] == [(5, 2)] * 4  # exterior rings only
-    polygons = read_polygons(path, holes=True)
+    polygons = read_polygons(path)
+    assert [p[0].shape for p in polygons] == [(5, 2)] * 4  # exterior rings first
     assert [len(p) for p in polygons] == [2, 1, 1, 1]
     np.testing.assert_array_equal(polygons[0][1][0], [12, 7])
 
@@ -371,7 +370,7 @@ def test_explicit_split_and_its_errors():
 def test_read_patients(dataset, tmp_path):
     patients = read_patients(dataset)
     assert set(train_ids(dataset)) <= set(patients)
-    (tmp_path / data.INFO_CSV).write_text("image_file,age\nx.tiff,3\n")
+    (tmp_path / INFO_CSV).write_text("image_file,age\nx.tiff,3\n")
     with pytest.raises(ValueError, match="patient_number"):
         read_patients(tmp_path)
     with pytest.raises(FileNotFoundError, match="HuBMAP-20"):
