@@ -68,7 +68,9 @@ class Competition:
         table = self._ids_csv("train.csv")
         if slide_id not in table.index:
             raise ValueError(f"slide {slide_id!r} has no row in {self.root / 'train.csv'}")
-        rle = table.at[slide_id, "encoding"] if "encoding" in table else ""
+        if "encoding" not in table:
+            raise ValueError(f"{self.root / 'train.csv'}: expected columns id,encoding")
+        rle = table.at[slide_id, "encoding"]
         return "" if rle.strip().lower() == "nan" else rle.strip()
 
     @cached_property
