@@ -90,16 +90,6 @@ class DataConfig:
 # --------------------------------------------------------------------------- slides and masks
 
 
-def train_ids(data_dir: str | os.PathLike) -> list[str]:
-    """Slide ids of ``train.csv`` in file order (`kit.competition.Competition.train_ids`)."""
-    return Competition(data_dir).train_ids
-
-
-def slide_path(data_dir: str | os.PathLike, slide_id: str) -> Path:
-    """The TIFF of a slide; FileNotFoundError naming it when missing."""
-    return Competition(data_dir).slide_path(slide_id)
-
-
 MaskStrip = Callable[[slice], np.ndarray]
 
 
@@ -240,7 +230,7 @@ def build_tile_cache(
     renamed into place, so a crash leaves no half-written cache behind.
     ``progress=None`` shows a bar on a terminal or in Jupyter (`kit.progress.show_progress`).
     """
-    path = slide_path(data_dir, slide_id)
+    path = Competition(data_dir).slide_path(slide_id)
     with Slide(path) as slide:
         shape = slide.shape
     strip, digest = mask_source(data_dir, slide_id, shape, cfg.mask_source)
@@ -488,11 +478,6 @@ def eval_transforms() -> A.Compose:
 # --------------------------------------------------------------------------- splits
 
 
-def read_patients(data_dir: str | os.PathLike) -> dict[str, str]:
-    """Slide id -> patient number (`kit.competition.Competition.patients`)."""
-    return Competition(data_dir).patients
-
-
 def split_slides(
     ids: Sequence[str],
     *,
@@ -508,7 +493,7 @@ def split_slides(
         valid: explicit held-out ids (takes precedence over ``fold``).
         fold: which fold of a grouped k-fold to hold out (0-based).
         n_folds: number of folds.
-        groups: slide id -> group (e.g. patient, from ``read_patients``); None: each slide is its
+        groups: slide id -> group (e.g. patient, `Competition.patients`); None: each slide is its
             own group. Ids missing from ``groups`` are their own group.
 
     Folds are balanced greedily: the largest groups are placed first, each into the fold with the

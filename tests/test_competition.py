@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from kit.competition import Competition, read_polygons
+from kit.competition import INFO_CSV, Competition, read_polygons
+from kit.synthetic import make_dataset
 
 
 def _folder(tmp_path):
@@ -85,3 +86,15 @@ def test_polygons_with_holes_and_anatomy(tmp_path):
     (tmp_path / "bad.json").write_text('{"features": [{"geometry": 3}]}')
     with pytest.raises(ValueError, match="bad.json: not a GeoJSON"):
         read_polygons(tmp_path / "bad.json")
+
+
+def test_synthetic_folder_patients_cover_train_and_missing_info(tmp_path):
+    data = make_dataset(tmp_path / "ds", slides=2, test_slides=1, size=(470, 590), seed=1)
+    comp = Competition(data)
+    assert set(comp.train_ids) | set(comp.test_ids) <= set(comp.patients)
+    assert comp.slide_path(comp.test_ids[0]).parent.name == "test"
+    (tmp_path / INFO_CSV).write_text("image_file,age\nx.tiff,3\n")
+    with pytest.raises(ValueError, match="patient_number"):
+        _ = Competition(tmp_path).patients
+    with pytest.raises(FileNotFoundError, match="HuBMAP-20"):
+        _ = Competition(tmp_path / "missing").patients
