@@ -25,13 +25,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kit.competition import Competition
 from kit.data import (
     DataConfig,
     TileDataset,
     build_tile_caches,
     seed_worker,
-    slide_path,
-    train_ids,
     train_transforms,
 )
 from kit.losses import BCEDiceLoss
@@ -49,7 +48,7 @@ class TiffWindows(Dataset):
         table = pd.read_csv(data_dir / "train.csv", index_col="id")
         self.masks = {}
         for slide_id in index["id"].unique():  # the seeds kept every whole mask in memory
-            with Slide(slide_path(data_dir, slide_id)) as slide:
+            with Slide(Competition(data_dir).slide_path(slide_id)) as slide:
                 self.masks[slide_id] = decode(table.at[slide_id, "encoding"], slide.shape)
 
     def __len__(self) -> int:
@@ -58,7 +57,7 @@ class TiffWindows(Dataset):
     def __getitem__(self, i: int):
         row = self.index.iloc[i]
         rows, cols = slice(int(row.y0), int(row.y1)), slice(int(row.x0), int(row.x1))
-        with Slide(slide_path(self.data_dir, row.id)) as slide:
+        with Slide(Competition(self.data_dir).slide_path(row.id)) as slide:
             image = slide.read(rows, cols)
         mask = np.zeros(image.shape[:2], np.uint8)
         part = self.masks[row.id][max(rows.start, 0) : rows.stop, max(cols.start, 0) : cols.stop]
@@ -123,7 +122,7 @@ def main() -> None:
 
         args.data = default_dataset()
     cfg = DataConfig(window=args.window, scale=args.scale, overlap=quick["data"]["overlap"])
-    ids = train_ids(args.data)
+    ids = Competition(args.data).train_ids
 
     start = time.perf_counter()
     folders = build_tile_caches(args.data, ids, cfg, args.cache_dir)

@@ -121,13 +121,12 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _describe_dataset(path: Path) -> None:
-    import pandas as pd
+    from kit.competition import Competition
 
-    train = pd.read_csv(path / "train.csv")
-    test = pd.read_csv(path / "sample_submission.csv")
+    comp = Competition(path)
     print(f"dataset: {path}")
-    print(f"  train slides ({len(train)}): {' '.join(train['id'])}")
-    print(f"  test slides ({len(test)}): {' '.join(test['id'])}")
+    print(f"  train slides ({len(comp.train_ids)}): {' '.join(comp.train_ids)}")
+    print(f"  test slides ({len(comp.test_ids)}): {' '.join(comp.test_ids)}")
 
 
 def _load(args: argparse.Namespace):

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from kit import atomic
+from kit.competition import Competition, read_polygons
 from kit.config import option
 from kit.polygons import rasterize
 from kit.progress import progress_bar
@@ -46,7 +47,6 @@ from kit.tiling import MIN_TISSUE, TISSUE_SATURATION, has_tissue, plan, tissue_f
 # Bump when the way tiles are built changes, so that old caches are rebuilt.
 CACHE_FORMAT = 2
 KINDS = ("positive", "tissue", "background")
-INFO_CSV = "HuBMAP-20-dataset_information.csv"
 
 
 @dataclass
@@ -91,26 +91,6 @@ class DataConfig:
 # --------------------------------------------------------------------------- slides and masks
 
 
-def train_ids(data_dir: str | os.PathLike) -> list[str]:
-    """Slide ids of ``train.csv`` in file order."""
-    return list(_train_csv(Path(data_dir)).index)
-
-
-def _train_csv(data_dir: Path) -> pd.DataFrame:
-    path = data_dir / "train.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"no train.csv in {data_dir}")
-    return pd.read_csv(path, index_col="id", dtype={"id": str, "encoding": str})
-
-
-def slide_path(data_dir: str | os.PathLike, slide_id: str) -> Path:
-    """The training TIFF of a slide; FileNotFoundError naming it when missing."""
-    path = Path(data_dir) / "train" / f"{slide_id}.tiff"
-    if not path.is_file():
-        raise FileNotFoundError(f"slide {slide_id!r} not found: {path}")
-    return path
-
-
 MaskStrip = Callable[[slice], np.ndarray]
 
 
@@ -123,54 +103,16 @@ def mask_source(
     columns (``cols`` within the slide), without building the whole mask (a real slide's mask is
     about 1 GB). ``digest`` changes whenever the annotation does (cache key).
     """
-    data_dir = Path(data_dir)
+    comp = Competition(data_dir)
     if source == "rle":
-        table = _train_csv(data_dir)
-        if slide_id not in table.index:
-            raise ValueError(f"slide {slide_id!r} has no row in {data_dir / 'train.csv'}")
-        rle = table.at[slide_id, "encoding"]
-        rle = "" if pd.isna(rle) else str(rle)
+        rle = comp.truth(slide_id)
         runs = parse(rle, shape)  # once per slide: each strip then only paints its runs
         return (lambda cols: decode_columns(runs, shape, cols)), _digest(rle.encode())
     if source == "json":
-        path = data_dir / "train" / f"{slide_id}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no polygon file for slide {slide_id!r}: {path}")
-        polygons = read_polygons(path, holes=True)
+        path = comp.polygons_path(slide_id)
+        polygons = read_polygons(path)
         return (lambda cols: rasterize(polygons, shape, cols)), _digest(path.read_bytes())
     raise ValueError(f"mask source must be 'rle' or 'json', got {source!r}")
-
-
-def read_polygons(
-    path: str | os.PathLike, *, holes: bool = False
-) -> list[np.ndarray] | list[list[np.ndarray]]:
-    """The glomerulus polygons of a ``train/{id}.json`` file.
-
-    Accepts a list of GeoJSON Features or a FeatureCollection, with Polygon or MultiPolygon
-    geometries. Vertices are (x, y) full-resolution pixel coordinates, float64.
-
-    Returns:
-        with ``holes=False``, the exterior ring of each polygon, a (k, 2) array (what counting,
-        measuring or centring glomeruli needs); with ``holes=True``, each polygon as a list of
-        rings, exterior first and then its holes (what `kit.polygons.rasterize` takes).
-    """
-    try:
-        doc = json.loads(Path(path).read_text())
-        features = doc["features"] if isinstance(doc, dict) else doc
-        polygons = []
-        for feature in features:
-            geometry = feature["geometry"]
-            parts = geometry["coordinates"]
-            if geometry["type"] == "Polygon":
-                parts = [parts]
-            elif geometry["type"] != "MultiPolygon":
-                continue
-            for rings in parts:
-                rings = [np.asarray(ring, dtype=np.float64).reshape(-1, 2) for ring in rings]
-                polygons.append(rings if holes else rings[0])
-    except (KeyError, TypeError, IndexError, ValueError) as err:
-        raise ValueError(f"{path}: not a GeoJSON polygon file ({err})") from err
-    return polygons
 
 
 # --------------------------------------------------------------------------- tile index
@@ -289,7 +231,7 @@ def build_tile_cache(
     renamed into place, so a crash leaves no half-written cache behind.
     ``progress=None`` shows a bar on a terminal or in Jupyter (`kit.progress.show_progress`).
     """
-    path = slide_path(data_dir, slide_id)
+    path = Competition(data_dir).slide_path(slide_id)
     with Slide(path) as slide:
         shape = slide.shape
     strip, digest = mask_source(data_dir, slide_id, shape, cfg.mask_source)
@@ -532,19 +474,6 @@ def eval_transforms() -> A.Compose:
 # --------------------------------------------------------------------------- splits
 
 
-def read_patients(data_dir: str | os.PathLike) -> dict[str, str]:
-    """Slide id -> patient number from ``HuBMAP-20-dataset_information.csv``."""
-    path = Path(data_dir) / INFO_CSV
-    if not path.is_file():
-        raise FileNotFoundError(f"no {INFO_CSV} in {data_dir}")
-    table = pd.read_csv(path, dtype=str)
-    for column in ("image_file", "patient_number"):
-        if column not in table:
-            raise ValueError(f"{path}: no column {column!r}")
-    ids = table["image_file"].str.replace(r"\.tiff?$", "", regex=True)
-    return dict(zip(ids, table["patient_number"], strict=True))
-
-
 def split_slides(
     ids: Sequence[str],
     *,
@@ -560,7 +489,7 @@ def split_slides(
         valid: explicit held-out ids (takes precedence over ``fold``).
         fold: which fold of a grouped k-fold to hold out (0-based).
         n_folds: number of folds.
-        groups: slide id -> group (e.g. patient, from ``read_patients``); None: each slide is its
+        groups: slide id -> group (e.g. patient, `Competition.patients`); None: each slide is its
             own group. Ids missing from ``groups`` are their own group.
 
     Folds are balanced greedily: the largest groups are placed first, each into the fold with the

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from kit.checkpoint import fingerprint, load_model
+from kit.competition import Competition
 from kit.evaluate import evaluate_slides, format_report, mean_dice
 from kit.infer import config_from_checkpoint
 from kit.submit import check_submission, write_submission
@@ -25,8 +26,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", data: str | os.PathLike | Non
     """Run the demo into ``out``; return the held-out Dice and the paths written."""
     out = Path(out)
     data_dir = Path(data) if data is not None else default_dataset()
-    if not (data_dir / "sample_submission.csv").is_file():
-        raise FileNotFoundError(f"not a competition folder (no sample_submission.csv): {data_dir}")
+    _ = Competition(data_dir).test_ids  # FileNotFoundError naming sample_submission.csv if absent
     print(f"[1/4] dataset: {data_dir}")
 
     cfg = preset("quick", data_dir=str(data_dir), out=str(out / "run"))

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from kit.data import read_patients, read_polygons
+from kit.competition import Competition, read_polygons
 from kit.rle import decode_columns, parse
 from kit.slides import Slide, downscale
 from kit.tiling import tissue_mask
@@ -60,15 +60,12 @@ def slide_table(data_dir: str | os.PathLike, thumb_scale: int = 32) -> pd.DataFr
     of tissue pixels ``r, g, b`` and their HSV statistics (``h_mean, h_std, s_mean, ...``, see
     `hsv_statistics`).
     """
-    data_dir = Path(data_dir)
-    train = pd.read_csv(data_dir / "train.csv", dtype=str).set_index("id")["encoding"]
-    test = pd.read_csv(data_dir / "sample_submission.csv", dtype=str)["id"]
-    patients = read_patients(data_dir)
+    comp = Competition(data_dir)
+    patients = comp.patients
     rows = []
-    for split, ids in (("train", list(train.index)), ("test", list(test))):
+    for split, ids in (("train", comp.train_ids), ("test", comp.test_ids)):
         for slide_id in ids:
-            path = data_dir / split / f"{slide_id}.tiff"
-            with Slide(path) as slide:
+            with Slide(comp.slide_path(slide_id)) as slide:
                 (h, w), layout = slide.shape, slide.layout
                 thumb = slide.thumbnail(thumb_scale)
             tissue = tissue_mask(thumb)
@@ -76,10 +73,9 @@ def slide_table(data_dir: str | os.PathLike, thumb_scale: int = 32) -> pd.DataFr
             row["patient"] = patients.get(slide_id, "")
             row["glomeruli"], row["mask_coverage"] = np.nan, np.nan
             if split == "train":
-                polygons = data_dir / "train" / f"{slide_id}.json"
-                if polygons.is_file():
-                    row["glomeruli"] = len(read_polygons(polygons))
-                _, lengths = parse(train[slide_id], (h, w))
+                if (comp.root / "train" / f"{slide_id}.json").is_file():
+                    row["glomeruli"] = len(comp.polygons(slide_id))
+                _, lengths = parse(comp.truth(slide_id), (h, w))
                 row["mask_coverage"] = lengths.sum() / (h * w)
             row["tissue_fraction"] = float(tissue.mean())
             colour = thumb[tissue].mean(axis=0) if tissue.any() else np.full(3, np.nan)
@@ -99,7 +95,7 @@ def glomerulus_sizes(data_dir: str | os.PathLike) -> pd.DataFrame:
     for path in sorted((data_dir / "train").glob("*.json")):
         if path.name.endswith("-anatomical-structure.json"):
             continue
-        areas = polygon_areas(read_polygons(path))
+        areas = polygon_areas([rings[0] for rings in read_polygons(path)])
         frames.append(
             pd.DataFrame({"id": path.stem, "area": areas, "diameter": 2 * np.sqrt(areas / np.pi)})
         )
@@ -112,7 +108,7 @@ def glomerulus_windows(
     data_dir: str | os.PathLike, slide_id: str, size: int = 512, n: int = 4, seed: int = 0
 ) -> list[tuple[slice, slice]]:
     """Up to ``n`` (rows, cols) windows of ``size`` px centred on annotated glomeruli."""
-    polygons = read_polygons(Path(data_dir) / "train" / f"{slide_id}.json")
+    polygons = [rings[0] for rings in Competition(data_dir).polygons(slide_id)]
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(polygons), size=min(n, len(polygons)), replace=False)
     windows = []

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kit.competition import Competition
 from kit.infer import InferConfig, OnProgress, Predictor, iter_probability_strips, resolve_config
 from kit.metrics import ThresholdSweep
 from kit.progress import tile_bar
@@ -67,18 +68,16 @@ def evaluate_slides(
     """
     cfg = resolve_config(cfg)
     data_dir = Path(data_dir)
-    truth = _read_truth(data_dir)
-    ids = list(truth) if ids is None else [str(i) for i in ids]
-    unknown = [i for i in ids if i not in truth]
+    comp = Competition(data_dir)
+    ids = comp.train_ids if ids is None else [str(i) for i in ids]
+    unknown = [i for i in ids if i not in set(comp.train_ids)]
     if unknown:
         raise ValueError(f"id(s) not in {data_dir / 'train.csv'}: {', '.join(unknown)}")
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise ValueError(f"repeated id(s): {', '.join(repeated)}")
-    paths = {i: data_dir / "train" / f"{i}.tiff" for i in ids}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"slide(s) not found: {', '.join(missing)}")
+    paths = comp.slide_paths(ids)
+    truth = {i: comp.truth(i) for i in ids}
 
     extra = list(dict.fromkeys(float(t) for t in thresholds))
     rows = []
@@ -174,17 +173,6 @@ class _Encoder:
 
     def finish(self) -> str:
         return self._rle.finish()
-
-
-def _read_truth(data_dir: Path) -> dict[str, str]:
-    """id -> RLE from ``data_dir/train.csv`` (an empty encoding is an empty mask)."""
-    path = data_dir / "train.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"train.csv not found in {data_dir}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if not {"id", "encoding"} <= set(frame.columns):
-        raise ValueError(f"{path}: expected columns id,encoding, got {list(frame.columns)}")
-    return dict(zip(frame["id"].str.strip(), frame["encoding"], strict=True))
 
 
 def _columns(thresholds: Sequence[float]) -> list[str]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from kit import atomic
+from kit.competition import Competition
 from kit.infer import InferConfig, Predictor, predict_slide_rle, resolve_config
 from kit.progress import tile_bar
 from kit.rle import parse
@@ -72,7 +73,7 @@ def write_submission(
     cfg = resolve_config(cfg)
     data_dir, out_csv = Path(data_dir), Path(out_csv)
     ids = read_ids(data_dir)
-    paths = _test_paths(data_dir, ids)
+    paths = Competition(data_dir).slide_paths(ids)
     identity = _predictor_identity(predictor, fingerprint)
     # Created by the first finished slide: a run that finishes none leaves nothing to resume.
     parts = out_csv.with_name(out_csv.name + ".parts")
@@ -124,7 +125,7 @@ def check_submission(csv: str | os.PathLike, data_dir: str | os.PathLike) -> Non
                 f"{csv}: row {row} has id {a!r}, sample_submission.csv has {b!r} there"
                 + _id_difference(got, expected)
             )
-    paths = _test_paths(data_dir, expected)
+    paths = Competition(data_dir).slide_paths(expected)
     for row, (slide_id, rle) in enumerate(zip(got, frame["predicted"], strict=True)):
         with Slide(paths[slide_id]) as slide:
             shape = slide.shape
@@ -135,30 +136,8 @@ def check_submission(csv: str | os.PathLike, data_dir: str | os.PathLike) -> Non
 
 
 def read_ids(data_dir: str | os.PathLike) -> list[str]:
-    """The ids of ``data_dir/sample_submission.csv``, in order."""
-    path = Path(data_dir) / "sample_submission.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"sample_submission.csv not found in {data_dir}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "id" not in frame.columns:
-        raise ValueError(f"{path}: no 'id' column (columns: {list(frame.columns)})")
-    ids = frame["id"].str.strip().tolist()
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        raise ValueError(f"{path}: repeated id(s): {', '.join(repeated)}")
-    return ids
-
-
-def _test_paths(data_dir: Path, ids: Sequence[str]) -> dict[str, Path]:
-    """``data_dir/test/{id}.tiff`` per id; FileNotFoundError naming every missing one."""
-    paths = {i: data_dir / "test" / f"{i}.tiff" for i in ids}
-    missing = [i for i, p in paths.items() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} slide(s) listed in sample_submission.csv have no TIFF in "
-            f"{data_dir / 'test'}: {', '.join(missing)}"
-        )
-    return paths
+    """The ids of ``data_dir/sample_submission.csv``, in order (`Competition.test_ids`)."""
+    return Competition(data_dir).test_ids
 
 
 def _id_difference(got: Sequence[str], expected: Sequence[str]) -> str:

@@ -37,16 +37,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kit import atomic
 from kit.checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint
+from kit.competition import Competition
 from kit.config import option
 from kit.data import (
     DataConfig,
     TileDataset,
     build_tile_caches,
     eval_transforms,
-    read_patients,
     seed_worker,
     split_slides,
-    train_ids,
     train_transforms,
 )
 from kit.device import amp_dtype, rank_device
@@ -347,10 +346,10 @@ def split(cfg: TrainConfig) -> tuple[list[str], list[str]]:
 
 def _split(cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
     """`split` and the notes saying how unset fold settings were fitted to the data."""
-    ids = train_ids(cfg.data_dir)
+    ids = Competition(cfg.data_dir).train_ids
     if cfg.valid:
         return *split_slides(ids, valid=cfg.valid), []
-    patients = read_patients(cfg.data_dir) if cfg.group_by != "slide" else None
+    patients = Competition(cfg.data_dir).patients if cfg.group_by != "slide" else None
     n_folds, groups, notes = fold_setup(ids, cfg.n_folds, cfg.group_by, patients)
     return *split_slides(ids, fold=cfg.fold, n_folds=n_folds, groups=groups), notes
 
@@ -370,7 +369,7 @@ def fold_setup(
 
     Args:
         ids: the training slide ids.
-        patients: slide id -> patient (`kit.data.read_patients`); needed unless grouping by slide.
+        patients: slide id -> patient (`Competition.patients`); needed unless grouping by slide.
     """
     notes, groups = [], None
     if group_by in (None, "patient"):

@@ -48,6 +48,7 @@ importlib.import_module("kit.env").check_imports()
 import pandas as pd
 
 from kit import eda, plots
+from kit.competition import Competition
 from kit.data import DataConfig, index_slide, mask_source
 from kit.env import environment
 from kit.rle import parse
@@ -72,8 +73,8 @@ table = eda.slide_table(env.data_dir, thumb_scale=THUMB_SCALE)
 table
 
 # %%
-train_csv = pd.read_csv(env.data_dir / "train.csv", dtype=str).set_index("id")["encoding"]
-train_ids = list(train_csv.index)
+comp = Competition(env.data_dir)
+train_ids = comp.train_ids
 shapes = {r.id: (r.height, r.width) for r in table.itertuples()}
 
 # %% [markdown]
@@ -82,9 +83,9 @@ shapes = {r.id: (r.height, r.width) for r in table.itertuples()}
 # %%
 overviews, titles = [], []
 for slide_id in train_ids[:6]:
-    with Slide(env.data_dir / "train" / f"{slide_id}.tiff") as slide:
+    with Slide(comp.slide_path(slide_id)) as slide:
         thumb = slide.thumbnail(THUMB_SCALE)
-    mask = eda.mask_thumbnail(train_csv[slide_id], shapes[slide_id], THUMB_SCALE) > 0.25
+    mask = eda.mask_thumbnail(comp.truth(slide_id), shapes[slide_id], THUMB_SCALE) > 0.25
     overviews.append(plots.overlay(thumb, mask, alpha=0.6))
     titles.append(f"{slide_id} {shapes[slide_id][0]}x{shapes[slide_id][1]}")
 plots.show(plots.image_grid(overviews, titles, ncols=3, size=4), FIGURES / "thumbnails.png")
@@ -94,9 +95,9 @@ plots.show(plots.image_grid(overviews, titles, ncols=3, size=4), FIGURES / "thum
 
 # %%
 zoom_id = train_ids[0]
-runs = parse(train_csv[zoom_id], shapes[zoom_id])
+runs = parse(comp.truth(zoom_id), shapes[zoom_id])
 zooms = []
-with Slide(env.data_dir / "train" / f"{zoom_id}.tiff") as slide:
+with Slide(comp.slide_path(zoom_id)) as slide:
     for rows, cols in eda.glomerulus_windows(env.data_dir, zoom_id, size=ZOOM, n=4):
         mask = eda.mask_window(runs, shapes[zoom_id], rows, cols)
         zooms.append(plots.overlay(slide.read(rows, cols), mask, alpha=0.3))
@@ -131,7 +132,7 @@ table[["id", "patient", "tissue_fraction", *colour]].round(2)
 cfg = DataConfig(window=WINDOW, scale=SCALE)
 kinds = []
 for slide_id in train_ids:
-    path = env.data_dir / "train" / f"{slide_id}.tiff"
+    path = comp.slide_path(slide_id)
     strip, _ = mask_source(env.data_dir, slide_id, shapes[slide_id])
     counts = index_slide(path, strip, cfg, slide_id)["kind"].value_counts()
     kinds.append({"id": slide_id, **counts.to_dict()})

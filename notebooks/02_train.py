@@ -50,6 +50,7 @@ import pandas as pd
 
 from kit import eda, plots
 from kit.checkpoint import export_model, load_model
+from kit.competition import Competition
 from kit.data import TileDataset, train_transforms
 from kit.env import environment
 from kit.evaluate import best_threshold, evaluate_slides, format_report
@@ -138,9 +139,9 @@ print(f"best threshold {best_t:g}: mean Dice {best_dice:.4f}")
 
 # %%
 slide_id = valid_ids[0]
-path = env.data_dir / "train" / f"{slide_id}.tiff"
-truth = pd.read_csv(env.data_dir / "train.csv", dtype=str).set_index("id").at[slide_id, "encoding"]
-with Slide(path) as slide:
+comp = Competition(env.data_dir)
+truth = comp.truth(slide_id)
+with Slide(comp.slide_path(slide_id)) as slide:
     shape, scale = slide.shape, max(1, max(slide.shape) // 1500)
     thumb = slide.thumbnail(scale)
 predicted = scores.set_index("id").at[slide_id, "rle"]  # kept by evaluate: no second pass

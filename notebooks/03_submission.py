@@ -50,6 +50,7 @@ import pandas as pd
 
 from kit import eda, plots
 from kit.checkpoint import find_checkpoint, fingerprint, load_model
+from kit.competition import Competition
 from kit.device import default_device
 from kit.env import KAGGLE_INPUT, environment
 from kit.infer import config_from_checkpoint
@@ -109,7 +110,7 @@ submission.assign(predicted=submission["predicted"].str.slice(0, 60))
 
 # %%
 first = submission.iloc[0]
-with Slide(env.data_dir / "test" / f"{first['id']}.tiff") as slide:
+with Slide(Competition(env.data_dir).slide_path(first["id"])) as slide:
     scale = max(1, max(slide.shape) // 1500)
     thumb = slide.thumbnail(scale)
     mask = eda.mask_thumbnail(first["predicted"], slide.shape, scale) > 0.25

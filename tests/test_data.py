@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kit import data
+from kit.competition import Competition, read_polygons
 from kit.data import (
     DataConfig,
     TileDataset,
@@ -19,12 +20,8 @@ from kit.data import (
     group_folds,
     index_slide,
     mask_source,
-    read_patients,
-    read_polygons,
     select_tiles,
-    slide_path,
     split_slides,
-    train_ids,
     train_transforms,
 )
 from kit.infer import InferConfig, predict_slide
@@ -80,8 +77,8 @@ def test_downscale_mask_is_a_majority_vote():
 
 
 def test_index_labels_every_window_from_the_mask(dataset):
-    slide_id = train_ids(dataset)[0]
-    path = slide_path(dataset, slide_id)
+    slide_id = Competition(dataset).train_ids[0]
+    path = Competition(dataset).slide_path(slide_id)
     strip, _ = mask_source(dataset, slide_id, SIZE)
     index = index_slide(path, strip, CFG, slide_id)
     mask = full_mask(dataset, slide_id)
@@ -115,7 +112,7 @@ def test_select_keeps_all_positives_and_a_seeded_share_of_negatives():
 
 
 def test_cache_holds_the_slide_windows_and_their_masks(dataset, tmp_path):
-    slide_id = train_ids(dataset)[1]
+    slide_id = Competition(dataset).train_ids[1]
     folder = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
     images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
     masks = np.load(folder / "masks.npy", mmap_mode="r", allow_pickle=False)
@@ -128,7 +125,7 @@ def test_cache_holds_the_slide_windows_and_their_masks(dataset, tmp_path):
     assert sum(manifest["kinds"].values()) == n
     assert set(index["id"]) == {slide_id}
     mask = full_mask(dataset, slide_id)
-    with Slide(slide_path(dataset, slide_id)) as slide:
+    with Slide(Competition(dataset).slide_path(slide_id)) as slide:
         for i, row in enumerate(index.itertuples()):
             rows, cols = slice(row.y0, row.y1), slice(row.x0, row.x1)
             np.testing.assert_array_equal(images[i], slide.read(rows, cols, CFG.scale))
@@ -139,7 +136,7 @@ def test_cache_holds_the_slide_windows_and_their_masks(dataset, tmp_path):
 
 
 def test_cache_is_reused_and_rebuilt_when_an_input_changes(dataset, tmp_path):
-    slide_id = train_ids(dataset)[0]
+    slide_id = Competition(dataset).train_ids[0]
     first = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
     stamp = (first / "images.npy").stat().st_mtime_ns
     assert build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False) == first
@@ -150,7 +147,7 @@ def test_cache_is_reused_and_rebuilt_when_an_input_changes(dataset, tmp_path):
     assert len(list(tmp_path.iterdir())) == 2  # other parameters: both kept
 
     # A slide file touched (same bytes, new mtime) counts as a new input.
-    path = slide_path(dataset, slide_id)
+    path = Competition(dataset).slide_path(slide_id)
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
@@ -167,8 +164,8 @@ def test_cache_is_reused_and_rebuilt_when_an_input_changes(dataset, tmp_path):
 def test_cache_key_follows_the_annotation(dataset, tmp_path):
     copy = tmp_path / "copy"
     (copy / "train").mkdir(parents=True)
-    slide_id = train_ids(dataset)[0]
-    os.link(slide_path(dataset, slide_id), copy / "train" / f"{slide_id}.tiff")
+    slide_id = Competition(dataset).train_ids[0]
+    os.link(Competition(dataset).slide_path(slide_id), copy / "train" / f"{slide_id}.tiff")
     table = pd.read_csv(dataset / "train.csv", dtype=str)
     table.to_csv(copy / "train.csv", index=False)
     first = build_tile_cache(copy, slide_id, CFG, tmp_path / "cache", progress=False)
@@ -180,7 +177,7 @@ def test_cache_key_follows_the_annotation(dataset, tmp_path):
 
 
 def test_failed_build_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
-    slide_id = train_ids(dataset)[0]
+    slide_id = Competition(dataset).train_ids[0]
     calls = []
 
     def failing_read(self, rows, cols, scale=1):
@@ -210,7 +207,7 @@ def test_failed_build_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
 
 
 def test_json_polygons_give_the_rle_masks(dataset, tmp_path):
-    slide_id = train_ids(dataset)[0]
+    slide_id = Competition(dataset).train_ids[0]
     rle = build_tile_cache(dataset, slide_id, CFG, tmp_path, progress=False)
     cfg = DataConfig(**{**CFG.__dict__, "mask_source": "json"})
     poly = build_tile_cache(dataset, slide_id, cfg, tmp_path, progress=False)
@@ -242,9 +239,8 @@ def test_json_masks_are_the_union_of_the_polygons_minus_their_holes(tmp_path):
     path = tmp_path / "train" / "s.json"
     path.write_text(json.dumps(doc))
 
-    rings = read_polygons(path)
-    assert [r.shape for r in rings] == [(5, 2)] * 4  # exterior rings only
-    polygons = read_polygons(path, holes=True)
+    polygons = read_polygons(path)
+    assert [p[0].shape for p in polygons] == [(5, 2)] * 4  # exterior rings first
     assert [len(p) for p in polygons] == [2, 1, 1, 1]
     np.testing.assert_array_equal(polygons[0][1][0], [12, 7])
 
@@ -309,7 +305,9 @@ def test_tissue_negatives_are_the_tiles_inference_predicts(tmp_path, write_tiff)
 
 
 def test_dataset_items_are_float_tensors(dataset, tmp_path):
-    folders = data.build_tile_caches(dataset, train_ids(dataset), CFG, tmp_path, progress=False)
+    folders = data.build_tile_caches(
+        dataset, Competition(dataset).train_ids, CFG, tmp_path, progress=False
+    )
     plain = TileDataset(folders, eval_transforms())
     assert len(plain) == len(plain.index) > 0
     image, mask = plain[len(plain) - 1]
@@ -366,13 +364,3 @@ def test_explicit_split_and_its_errors():
         split_slides(ids, fold=0, n_folds=4)
     with pytest.raises(ValueError, match="valid ids or a fold"):
         split_slides(ids)
-
-
-def test_read_patients(dataset, tmp_path):
-    patients = read_patients(dataset)
-    assert set(train_ids(dataset)) <= set(patients)
-    (tmp_path / data.INFO_CSV).write_text("image_file,age\nx.tiff,3\n")
-    with pytest.raises(ValueError, match="patient_number"):
-        read_patients(tmp_path)
-    with pytest.raises(FileNotFoundError, match="HuBMAP-20"):
-        read_patients(tmp_path / "missing")

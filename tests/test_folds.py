@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kit.cli import main
-from kit.data import read_patients, split_slides, train_ids
+from kit.competition import Competition
+from kit.data import split_slides
 from kit.synthetic import make_dataset
 from kit.train import DEFAULT_FOLDS, fold_setup
 
@@ -52,8 +53,8 @@ def test_train_command_on_three_patients_runs_with_three_folds(tmp_path, capsys)
     data = make_dataset(
         tmp_path / "ds", slides=4, test_slides=1, size=(300, 300), seed=3, patients=3
     )
-    ids = train_ids(data)
-    assert len({read_patients(data)[i] for i in ids}) == 3  # the situation under test
+    ids = Competition(data).train_ids
+    assert len({Competition(data).patients[i] for i in ids}) == 3  # the situation under test
 
     def argv(run, *extra):
         return [

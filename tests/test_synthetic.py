@@ -17,7 +17,7 @@ import rasterio
 import tifffile
 
 from kit import synthetic
-from kit.data import read_polygons
+from kit.competition import read_polygons
 from kit.polygons import rasterize
 from kit.rle import decode
 from kit.synthetic import INFO_COLUMNS, default_dataset, make_dataset, make_slide
@@ -114,7 +114,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 def polygon_mask(json_path: Path, shape) -> np.ndarray:
     """uint8 (H, W): every polygon of a json file filled, minus its holes."""
-    return rasterize(read_polygons(json_path, holes=True), shape)
+    return rasterize(read_polygons(json_path), shape)
 
 
 def test_train_csv_encodes_the_json_polygons(data):

@@ -15,7 +15,8 @@ import torch
 
 from kit.checkpoint import load_model, read_checkpoint
 from kit.cli import add_train_arguments, config_from_args
-from kit.data import DataConfig, read_patients, train_ids
+from kit.competition import Competition
+from kit.data import DataConfig
 from kit.evaluate import evaluate_slides
 from kit.infer import InferConfig, config_from_checkpoint
 from kit.model import build_model
@@ -51,7 +52,7 @@ def tiny_args(dataset, out, cache, epochs=2):
     """
     return [
         "--data", str(dataset), "--out", str(out), "--cache-dir", str(cache),
-        "--valid", train_ids(dataset)[0], "--model", "lraspp_mobilenet_v3_large",
+        "--valid", Competition(dataset).train_ids[0], "--model", "lraspp_mobilenet_v3_large",
         "--window", "128", "--scale", "2", "--tile-overlap", "0", "--overlap", "32",
         "--batch-size", "4", "--epochs", str(epochs), "--workers", "0", "--no-progress",
         "--device", "cpu",
@@ -171,9 +172,9 @@ def test_every_config_field_has_a_flag():
 
 
 def test_split_and_tile_caches_of_a_config(dataset, tmp_path):
-    ids = train_ids(dataset)
+    ids = Competition(dataset).train_ids
     cfg = TrainConfig(data_dir=str(dataset), out=str(tmp_path / "runs" / "a"), n_folds=2)
-    patients = read_patients(dataset)
+    patients = Competition(dataset).patients
     held = []
     for fold in (0, 1):
         train, valid = split(replace(cfg, fold=fold))
@@ -206,8 +207,8 @@ def test_fit_writes_a_run_folder_and_refuses_another_config(dataset, tmp_path):
     dice = [float(r["slide_dice"]) for r in rows]
     assert not any(math.isnan(d) for d in dice)  # eval_every=1: every epoch scored
     assert result["best_dice"] == pytest.approx(max(dice))
-    assert result["valid_ids"] == [train_ids(dataset)[0]]
-    assert result["train_ids"] == train_ids(dataset)[1:]
+    assert result["valid_ids"] == [Competition(dataset).train_ids[0]]
+    assert result["train_ids"] == Competition(dataset).train_ids[1:]
 
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2 and last["config"]["data"]["scale"] == 2
@@ -239,7 +240,7 @@ def test_quick_preset_finds_glomeruli_on_a_held_out_slide(tmp_path):
     on a busy 2-core machine.
     """
     data = make_dataset(tmp_path / "ds", slides=3, test_slides=0, size=(1024, 1280), seed=1)
-    held_out = [train_ids(data)[0]]
+    held_out = [Competition(data).train_ids[0]]
     cfg = preset(
         "quick", data_dir=str(data), out=str(tmp_path / "run"), valid=held_out, device="cpu",
         epochs=10, batch_size=4, eval_every=10, progress=False,  # 90 steps, scored once
