@@ -192,6 +192,27 @@ PRESETS = {
         overlap=64,
         workers=0,  # on 2 cores a worker process competes with the training step's threads
     ),
+    # Real-scale data (the realistic synthetic profile, or the competition's slides) on 2 CPU
+    # cores: the quick preset's small network from scratch on the `full` preset's 1024 px windows
+    # seen at 256 px, which hold a whole 200-400 px glomerulus with its surroundings. Sized to
+    # train within 10 minutes on ~6 realistic slides; see bench/quality.py for its measured Dice.
+    "cpu": dict(
+        model="lraspp_mobilenet_v3_large",
+        bn_momentum=0.1,
+        window=1024,
+        scale=4,
+        tile_overlap=256,
+        tissue_share=1.0,
+        background_share=0.2,
+        epochs=10,
+        batch_size=8,
+        lr=2e-3,
+        weight_decay=1e-4,
+        warmup_epochs=0.5,
+        eval_every=5,
+        overlap=256,
+        workers=0,
+    ),
     # Competition settings for one GPU (or several under torchrun): 1024 px windows seen at 256 px,
     # FCN-ResNet50 from torchvision's COCO (or ImageNet backbone) weights attached locally.
     "full": dict(
