@@ -114,9 +114,15 @@ def _synth(args: argparse.Namespace) -> None:
     from kit.synthetic import make_dataset
 
     out = make_dataset(
-        args.out, slides=args.slides, test_slides=args.test_slides, size=tuple(args.size),
-        seed=args.seed, patients=args.patients, overwrite=args.overwrite,
-    )  # fmt: skip
+        args.out,
+        slides=args.slides,
+        test_slides=args.test_slides,
+        size=tuple(args.size) if args.size else None,
+        seed=args.seed,
+        patients=args.patients,
+        overwrite=args.overwrite,
+        profile=args.profile,
+    )
     _describe_dataset(out)
 
 
@@ -237,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to create")
     p.add_argument("--slides", type=int, default=SYNTH["slides"], help="number of slides in all")
     p.add_argument("--test-slides", type=int, default=SYNTH["test_slides"], help="test slides")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=SYNTH["size"])
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="default: the profile's")
+    p.add_argument(
+        "--profile", choices=("mini", "realistic"), default="mini", help="scale/difficulty"
+    )
     p.add_argument("--seed", type=int, default=SYNTH["seed"])
     p.add_argument("--patients", type=int, help="number of patients (default ~0.6/slide)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")

@@ -148,3 +148,18 @@ def mask_window(runs, shape: tuple[int, int], rows: slice, cols: slice) -> np.nd
         strip = decode_columns(runs, shape, slice(c0, c1))[r0:r1]
         out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = strip
     return out
+
+
+def patient_colours(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean tissue colour per patient from a `slide_table`: ``r, g, b`` (0-255) and ``slides``.
+
+    Indexed by patient (slides without one are grouped as ``"?"``), sorted by brightness, so a
+    held-out patient's stain can be compared with the training patients' at a glance.
+    """
+    if table.empty:
+        raise ValueError("patient_colours needs a slide table with at least one slide")
+    patient = table["patient"].astype(str).replace("", "?")
+    grouped = table.assign(patient=patient).groupby("patient")
+    out = grouped[["r", "g", "b"]].mean().round(1)
+    out["slides"] = grouped.size()
+    return out.loc[out[["r", "g", "b"]].sum(axis=1).sort_values().index]

@@ -163,3 +163,19 @@ def show(fig: Figure, path: str | os.PathLike) -> Figure:
     """Save ``fig`` to ``path`` (PNG) and return it, so a notebook cell both keeps and shows it."""
     save_figure(fig, path)
     return fig
+
+
+def plot_colours(colours, title: str = "mean tissue colour per patient") -> Figure:
+    """One swatch per row of ``colours`` (a DataFrame with ``r, g, b`` in 0-255), labelled by
+    its index: e.g. `kit.eda.patient_colours`."""
+    if len(colours) == 0:
+        raise ValueError("plot_colours needs at least one colour")
+    rgb = np.clip(colours[["r", "g", "b"]].to_numpy(np.float64) / 255, 0, 1)
+    fig = Figure(figsize=(max(3.0, 1.1 * len(rgb)), 2.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(rgb[None])
+    ax.set_xticks(range(len(rgb)), [str(i) for i in colours.index], rotation=30, fontsize=8)
+    ax.set_yticks([])
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

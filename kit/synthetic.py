@@ -12,6 +12,15 @@ Colours follow Beer-Lambert: each pixel holds an amount of PAS (magenta) and of 
 (blue-purple), and ``rgb = glass * exp(-(pas * OD_pas + haem * OD_haem))``.
 
     python -m kit synth --out data/synthetic      # make_dataset with the defaults below
+    python -m kit synth --out data/realistic --profile realistic
+
+Two profiles (`Profile`, `PROFILES`): ``mini`` (the default: small slides, glomeruli 70-160 px,
+for the tests, the demo and the notebooks) and ``realistic`` (the competition's pixel scale: a
+~5.5k x 6k px window of tissue, glomeruli 200-400 px across, stain that differs by patient and
+drifts within a slide, look-alikes that share the glomeruli's cues, sclerotic glomeruli and ones
+whose Bowman's space has collapsed, glomeruli cut by the tissue edge, out-of-focus patches, a
+tissue fold, pen marks and dust). The mini profile's output is byte-identical to the generator
+before profiles existed (a test pins it), so cached datasets stay valid.
 
 Layout written (as on Kaggle): ``train.csv`` (id,encoding), ``train/{id}.tiff``,
 ``train/{id}.json`` (glomerulus polygons), ``train/{id}-anatomical-structure.json`` (Cortex /
@@ -41,6 +50,8 @@ from kit.rle import encode
 __all__ = [
     "DEFAULT_PARAMS",
     "DEFAULT_SIZE",
+    "PROFILES",
+    "Profile",
     "Stain",
     "SyntheticSlide",
     "default_dataset",
@@ -78,6 +89,79 @@ INFO_COLUMNS = (
     "percent_cortex",
     "percent_medulla",
 )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What sets a synthetic slide's scale and difficulty (lengths in full-resolution px).
+
+    ``MINI``'s values are the generator's historical constants; the zero / empty defaults of the
+    difficulty fields switch their features off (and draw nothing from the random stream).
+    """
+
+    name: str
+    size: tuple[int, int]  # (H, W) of every slide
+    glomerulus_diameter: tuple[float, float]  # range of a glomerulus's largest diameter
+    glomeruli_per_mpx: tuple[float, float]  # glomeruli per million px of cortex
+    tubule_spacing: tuple[int, int]  # grid step of the tubule cross-sections
+    detail: float = 1.0  # scale of the fine structure (capsule, Bowman's space, vessel walls)
+    tissue_fraction: tuple[float, float] = (0.47, 0.57)  # share of the slide that is tissue
+    medulla_fraction: tuple[float, float] = (0.15, 0.35)  # share of the tissue that is medulla
+    lookalikes: tuple[float, float] = (0.5, 0.8)  # look-alikes per glomerulus
+    sclerotic: float = 0.1  # share of glomeruli that are scarred (pale, homogeneous; labelled)
+    collapsed: float = 0.0  # share of glomeruli whose Bowman's space has collapsed
+    ringed_clusters: bool = False  # tubule clusters get a capsule-like pale ring
+    edge_cut: float = 0.0  # glomeruli cut by the tissue edge, per glomerulus inside
+    patient_stain: float = 0.12  # log-sd of a patient's stain densities (hue, saturation)
+    patient_light: float = 0.0  # sd of a patient's brightness (multiplies the optical density)
+    slide_stain: float = 0.03  # log-sd of a slide's stain around its patient's
+    stain_drift: float = 0.0  # amplitude of the smooth colour drift within a slide
+    softness: float = 0.8  # optics blur (Gaussian sigma): boundaries get softer
+    out_of_focus: tuple[int, int] = (0, 0)  # range of the number of blurred patches
+    folds: tuple[int, int] = (0, 0)  # range of the number of tissue folds (doubled tissue)
+    pen_marks: tuple[int, int] = (0, 0)  # range of the number of ink strokes on the glass
+    dust: tuple[int, int] = (3, 12)  # range of the number of dust specks
+    dust_radius: tuple[int, int] = (1, 5)
+
+
+MINI = Profile("mini", DEFAULT_SIZE, (70, 160), (11, 18), (30, 38))
+# Real scale (0.5 um/px): glomeruli 200-400 px across in a window of tissue cut from a slide.
+# Sizes are deliberately awkward; ~33 Mpx a slide keeps 8 slides to a few minutes on 2 cores.
+REALISTIC = Profile(
+    "realistic",
+    size=(5437, 6089),
+    glomerulus_diameter=(240, 420),  # largest diameter; the equal-area one is ~0.85 of it
+    glomeruli_per_mpx=(1.6, 2.6),
+    tubule_spacing=(80, 100),
+    detail=2.5,
+    tissue_fraction=(0.72, 0.85),
+    medulla_fraction=(0.25, 0.4),
+    lookalikes=(1.5, 2.0),
+    sclerotic=0.25,
+    collapsed=0.4,
+    ringed_clusters=True,
+    edge_cut=0.1,
+    patient_stain=0.35,
+    patient_light=0.2,
+    slide_stain=0.06,
+    stain_drift=0.15,
+    softness=2.0,
+    out_of_focus=(1, 4),
+    folds=(0, 2),
+    pen_marks=(0, 3),
+    dust=(10, 40),
+    dust_radius=(2, 14),
+)
+PROFILES = {p.name: p for p in (MINI, REALISTIC)}
+
+
+def _profile(profile: str | Profile) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
 
 # QuPath-style class colours (packed ARGB ints) for the json "classification"; illustrative.
 _CLASS_COLOURS = {"glomerulus": -3140401, "Cortex": -16711936, "Medulla": -16776961}
@@ -328,12 +412,14 @@ def _stamp(canvas, centre, offsets):
     return radius, sl, origin, local, pas, haem, outer
 
 
-def _draw_glomerulus(canvas, centre, offsets, rng):
+def _draw_glomerulus(canvas, centre, offsets, rng, p: Profile = MINI):
     """A glomerulus: capsule line, pale Bowman's space and a lobulated purple tuft."""
     radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
-    capsule = rng.uniform(1.5, 3.0)
-    space = rng.uniform(4.0, 11.0)
+    capsule = rng.uniform(1.5, 3.0) * p.detail
+    space = rng.uniform(4.0, 11.0) * p.detail
+    if p.collapsed and rng.random() < p.collapsed:
+        space = rng.uniform(0.5, 1.5)  # the tuft fills the capsule: no pale ring to see
     inside = _fill(shape, _ring(local, _shrink(offsets, capsule)))
     shift = rng.normal(0, 0.3 * space, 2).clip(-0.6 * space, 0.6 * space)
     tuft_ring = _ring(local + shift, _shrink(offsets, capsule + space))
@@ -341,13 +427,13 @@ def _draw_glomerulus(canvas, centre, offsets, rng):
     pas[outer] = rng.uniform(0.7, 0.9)
     pas[inside] = 0.05 + 0.02 * rng.random(int(inside.sum()), dtype=np.float32)
     haem[outer] = 0.0
-    sclerotic = rng.random() < 0.1
+    sclerotic = rng.random() < p.sclerotic
     if sclerotic:  # scarred: glassy, few cells, still inside its capsule
         t = np.full(shape, rng.uniform(0.85, 1.0), np.float32)
-        n_nuclei = int(tuft.sum() / 300)
+        n_nuclei = int(tuft.sum() / (300 * p.detail))
     else:
         t = _lobules(shape, tuft, local + shift, radius - capsule - space, rng, 0.7, 0.1)
-        n_nuclei = int(tuft.sum() / rng.uniform(70, 110))
+        n_nuclei = int(tuft.sum() / (rng.uniform(70, 110) * p.detail))
     pas[tuft] = t[tuft]
     haem[tuft] = rng.uniform(0.12, 0.25)
     _commit(canvas, sl, outer, pas, haem)
@@ -357,7 +443,7 @@ def _draw_glomerulus(canvas, centre, offsets, rng):
     canvas.add_nuclei(_points_in(rim, int(radius / 8), rng), origin, rng, (0.7, 1.0))
 
 
-def _draw_vessel(canvas, centre, offsets, rng):
+def _draw_vessel(canvas, centre, offsets, rng, p: Profile = MINI):
     """An arteriole cut across: a thick layered pink wall around a pale lumen (no tuft)."""
     radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
@@ -366,7 +452,7 @@ def _draw_vessel(canvas, centre, offsets, rng):
     lumen = _fill(shape, lumen_ring) & outer
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     rr = np.hypot(xx - local[0], yy - local[1]).astype(np.float32)
-    layers = 0.5 + 0.12 * np.sin(rr * (2 * np.pi / rng.uniform(4, 7)))
+    layers = 0.5 + 0.12 * np.sin(rr * (2 * np.pi / (rng.uniform(4, 7) * p.detail)))
     pas[outer] = layers[outer]
     haem[outer] = 0.08
     cv2.polylines(pas, [_ring(local, offsets).reshape(-1, 1, 2)], True, 0.75, 2)
@@ -382,12 +468,13 @@ def _draw_vessel(canvas, centre, offsets, rng):
     _commit(canvas, sl, outer, pas, haem)
 
 
-def _draw_tubule_cluster(canvas, centre, offsets, rng):
-    """A round nest of small tubules inside a thin outline: round and pink, but no tuft."""
+def _draw_tubule_cluster(canvas, centre, offsets, rng, p: Profile = MINI):
+    """A round nest of small tubules inside a thin outline: round and pink, but no tuft
+    (with ``p.ringed_clusters``, inside a pale ring like a Bowman's space)."""
     radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
     t = np.full(shape, 0.38, np.float32)
-    step = rng.uniform(16, 24)
+    step = rng.uniform(16, 24) * p.detail
     for gy in np.arange(0, shape[0], step):
         for gx in np.arange(0, shape[1], step):
             c = (int(gx + rng.uniform(-3, 3)), int(gy + rng.uniform(-3, 3)))
@@ -398,12 +485,16 @@ def _draw_tubule_cluster(canvas, centre, offsets, rng):
     pas[outer] = t[outer]
     haem[outer] = 0.1
     cv2.polylines(pas, [_ring(local, offsets).reshape(-1, 1, 2)], True, 0.8, 2)
+    if p.ringed_clusters:
+        gap = rng.uniform(4.0, 11.0) * p.detail
+        inner = _ring(local, _shrink(offsets, 2 + gap / 2)).reshape(-1, 1, 2)
+        cv2.polylines(pas, [inner], True, 0.05, max(int(gap), 1))
     _commit(canvas, sl, outer, pas, haem)
     cells = outer & (t > 0.3)
     canvas.add_nuclei(_points_in(cells, int(cells.sum() / 220), rng), origin, rng)
 
 
-def _draw_dark_blob(canvas, centre, offsets, rng):
+def _draw_dark_blob(canvas, centre, offsets, rng, p: Profile = MINI):
     """A cell-rich purple blob (infiltrate) like a tuft but with no Bowman's space or capsule."""
     radius, sl, origin, local, pas, haem, outer = _stamp(canvas, centre, offsets)
     shape = pas.shape
@@ -411,7 +502,9 @@ def _draw_dark_blob(canvas, centre, offsets, rng):
     pas[outer] = t[outer]
     haem[outer] = rng.uniform(0.35, 0.55)
     _commit(canvas, sl, outer, pas, haem)
-    canvas.add_nuclei(_points_in(outer, int(outer.sum() / rng.uniform(28, 45)), rng), origin, rng)
+    canvas.add_nuclei(
+        _points_in(outer, int(outer.sum() / (rng.uniform(28, 45) * p.detail)), rng), origin, rng
+    )
 
 
 def _commit(canvas, sl, footprint, pas, haem):
@@ -445,7 +538,7 @@ def _place(rng, allowed_low, f, radii, taken, gap=8.0, tries=40):
     return placed
 
 
-def _splat_nuclei(canvas, rng, tissue, density):
+def _splat_nuclei(canvas, rng, tissue, density, sigma=1.8):
     """Turn the nuclei seeds (objects' + random ones in the tissue) into crisp dark dots."""
     h, w = tissue.shape
     n = int(tissue.sum() / density)
@@ -458,59 +551,67 @@ def _splat_nuclei(canvas, rng, tissue, density):
     x = np.clip(seeds[:, 0].astype(int), 0, w - 1)
     y = np.clip(seeds[:, 1].astype(int), 0, h - 1)
     np.add.at(img, (y, x), seeds[:, 2].astype(np.float32))
-    sigma = 1.8
     img = cv2.GaussianBlur(img, (0, 0), sigma) * np.float32(2 * np.pi * sigma**2)
     # a soft threshold turns gaussian bumps into dots with sharp-ish edges, bigger for bigger seeds
     return np.clip((img - 0.35) * 4, 0, 1)
 
 
 def make_slide(
-    size: tuple[int, int] = DEFAULT_SIZE,
+    size: tuple[int, int] | None = None,
     seed: int | np.random.Generator = 0,
     stain: Stain | None = None,
+    profile: str | Profile = "mini",
 ) -> SyntheticSlide:
     """Generate one slide (image + glomerulus polygons + cortex / medulla) from a seed.
 
     Args:
-        size: (H, W) in pixels, each at least 256.
+        size: (H, W) in pixels, each at least 256; default the profile's.
         seed: an int or a numpy Generator (consumed).
         stain: colours; default ``Stain()`` (the kit's reference PAS colours).
+        profile: ``"mini"``, ``"realistic"`` or a `Profile`: scale and difficulty.
     """
-    h, w = _check_size(size)
+    p = _profile(profile)
+    h, w = _check_size(size or p.size)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     stain = stain or Stain()
     f = 8
     tissue, medulla, tissue_low, medulla_low = _regions(
-        (h, w), rng, rng.uniform(0.47, 0.57), rng.uniform(0.15, 0.35), f
+        (h, w), rng, rng.uniform(*p.tissue_fraction), rng.uniform(*p.medulla_fraction), f
     )
     cortex_low = tissue_low & ~medulla_low
 
     canvas = _Canvas((h, w))
     canvas.pas[tissue] = 0.3  # interstitium
-    _draw_tubules(canvas, tissue, medulla, rng, spacing=int(rng.integers(30, 38)))
+    _draw_tubules(canvas, tissue, medulla, rng, spacing=int(rng.integers(*p.tubule_spacing)))
 
     # Glomeruli live in the cortex; look-alikes anywhere in the tissue. Nothing overlaps.
     taken: list[tuple[float, float, float]] = []
     cortex_area = float(cortex_low.sum()) * f * f
-    n_glom = int(round(cortex_area / 1e6 * rng.uniform(11, 18)))
+    n_glom = int(round(cortex_area / 1e6 * rng.uniform(*p.glomeruli_per_mpx)))
+    radius = (p.glomerulus_diameter[0] / 2, p.glomerulus_diameter[1] / 2)
     rings = []
-    for cx, cy, r in _place(rng, cortex_low, f, rng.uniform(35, 80, n_glom), taken):
+    for cx, cy, r in _place(rng, cortex_low, f, rng.uniform(*radius, n_glom), taken):
         offsets = _blob(rng, r, aspect=1.35, wobble=0.02)
-        _draw_glomerulus(canvas, (cx, cy), offsets, rng)
+        _draw_glomerulus(canvas, (cx, cy), offsets, rng, p)
         rings.append(_ring((cx, cy), offsets))
+    if p.edge_cut:
+        n_cut = int(round(len(rings) * p.edge_cut))
+        rings += _edge_glomeruli(
+            canvas, rng, p, (tissue, medulla), (tissue_low, medulla_low), n_cut, taken
+        )
 
     distractors = []
-    n_other = max(1, int(round(len(rings) * rng.uniform(0.5, 0.8))))
+    n_other = max(1, int(round(len(rings) * rng.uniform(*p.lookalikes))))
     kinds = rng.choice(["vessel", "tubules", "blob"], n_other, p=[0.4, 0.3, 0.3])
     draw = {"vessel": _draw_vessel, "tubules": _draw_tubule_cluster, "blob": _draw_dark_blob}
-    placed = _place(rng, tissue_low, f, rng.uniform(35, 80, n_other), taken)
+    placed = _place(rng, tissue_low, f, rng.uniform(*radius, n_other), taken)
     for kind, (cx, cy, r) in zip(kinds, placed, strict=False):
         wobble = 0.05 if kind == "blob" else 0.02
         offsets = _blob(rng, r, aspect=1.35, wobble=wobble)
-        draw[str(kind)](canvas, (cx, cy), offsets, rng)
+        draw[str(kind)](canvas, (cx, cy), offsets, rng, p)
         distractors.append((str(kind), _ring((cx, cy), offsets)))
 
-    image = _compose(canvas, tissue, stain, rng)
+    image = _compose(canvas, tissue, stain, rng, p)
     return SyntheticSlide(
         image=image,
         glomeruli=rings,
@@ -520,16 +621,29 @@ def make_slide(
     )
 
 
-def _compose(canvas, tissue, stain, rng):
-    """Stain amounts -> uint8 RGB: texture, counterstain, nuclei, optics blur, Beer-Lambert."""
+def _compose(canvas, tissue, stain, rng, p: Profile = MINI):
+    """Stain amounts -> uint8 RGB: texture, counterstain, nuclei, optics blur, Beer-Lambert,
+    then the profile's artefacts (folds, colour drift, defocus, ink, dust)."""
     h, w = tissue.shape
-    nuclei = _splat_nuclei(canvas, rng, tissue, density=240.0)
-    texture = 1 + 0.16 * _noise((h, w), 3, rng, False) + 0.12 * _noise((h, w), 14, rng, False)
+    d = p.detail
+    nuclei = _splat_nuclei(canvas, rng, tissue, density=240.0 * d, sigma=1.8 * math.sqrt(d))
+    texture = (
+        1 + 0.16 * _noise((h, w), 3 * d, rng, False) + 0.12 * _noise((h, w), 14 * d, rng, False)
+    )
     pas = canvas.pas * texture
     pas *= tissue
     haem = canvas.haem + np.float32(0.1) * tissue + np.float32(1.5) * nuclei
-    pas = cv2.GaussianBlur(pas, (0, 0), 0.8)
-    haem = cv2.GaussianBlur(haem, (0, 0), 0.8)
+    if p.edge_cut:
+        haem *= tissue  # glomeruli cut by the edge: nothing of them on the glass
+    if p.folds[1]:
+        fold = 1 + _folds(tissue, rng, p.folds)  # tissue lying on itself: twice the stain
+        pas *= fold
+        haem *= fold
+    if p.stain_drift:
+        for plane in (pas, haem):  # each stain drifts on its own: the hue drifts too
+            plane *= np.exp(p.stain_drift * _noise((h, w), max(h, w) / 2, rng, False))
+    pas = cv2.GaussianBlur(pas, (0, 0), p.softness)
+    haem = cv2.GaussianBlur(haem, (0, 0), p.softness)
     light = 1 + 0.02 * _noise((h, w), max(h, w) / 3, rng, False)  # uneven illumination
     grain = rng.standard_normal((h, w), dtype=np.float32) * np.float32(2.0)  # sensor noise
     image = np.empty((h, w, 3), np.uint8)
@@ -537,12 +651,97 @@ def _compose(canvas, tissue, stain, rng):
         od = pas * np.float32(stain.pas[k]) + haem * np.float32(stain.haematoxylin[k])
         channel = np.exp(-od) * light * np.float32(stain.glass[k]) + grain + np.float32(0.5)
         image[..., k] = np.clip(channel, 0, 255)
+    if p.out_of_focus[1]:
+        _defocus(image, rng, p.out_of_focus)
+    if p.pen_marks[1]:
+        _ink(image, rng, p.pen_marks)
     # dust on the glass: grey specks (no colour, so no saturation)
-    for _ in range(int(rng.integers(3, 12))):
+    for _ in range(int(rng.integers(*p.dust))):
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
         grey = int(rng.uniform(120, 200))
-        cv2.circle(image, (x, y), int(rng.integers(1, 5)), (grey, grey, grey), -1, cv2.LINE_AA)
+        radius = int(rng.integers(*p.dust_radius))
+        cv2.circle(image, (x, y), radius, (grey, grey, grey), -1, cv2.LINE_AA)
     return image
+
+
+def _edge_glomeruli(canvas, rng, p, full, low, n, taken, f=8):
+    """Up to ``n`` glomeruli centred at the tissue edge in the cortex: drawn whole (the glass
+    part is erased later), labelled only where there is tissue. Returns their rings."""
+    tissue, medulla = full
+    tissue_low, medulla_low = low
+    edge = cv2.distanceTransform(tissue_low.astype(np.uint8), cv2.DIST_L2, 5)
+    from_medulla = cv2.distanceTransform((~medulla_low).astype(np.uint8), cv2.DIST_L2, 5) * f
+    rings = []
+    for x, y in _points_in((edge > 0) & (edge <= 3) & ~medulla_low, 4 * n, rng):
+        r = rng.uniform(p.glomerulus_diameter[0] / 2, p.glomerulus_diameter[1] / 2)
+        cx, cy = (x + 0.5) * f, (y + 0.5) * f
+        clear = all((cx - tx) ** 2 + (cy - ty) ** 2 > (r + tr + 8) ** 2 for tx, ty, tr in taken)
+        if len(rings) == n or not clear or from_medulla[y, x] < r + 2 * f:
+            continue
+        offsets = _blob(rng, r, aspect=1.35, wobble=0.02)
+        _draw_glomerulus(canvas, (cx, cy), offsets, rng, p)
+        taken.append((cx, cy, r))
+        sl, origin = canvas.patch((cx, cy), r)
+        kept = _fill(tissue[sl].shape, _ring((cx, cy) - origin, offsets))
+        kept &= tissue[sl] & ~medulla[sl]
+        parts = _contours(kept, min_area=0.1 * math.pi * r * r)
+        if parts:
+            biggest = max(parts, key=lambda q: cv2.contourArea(q[0]))[0]
+            rings.append((biggest + origin).astype(np.int32))
+    return rings
+
+
+def _folds(tissue, rng, count, f=8):
+    """float32 (H, W) in [0, 1]: bands of folded tissue (soft-edged, wavy, 60-200 px wide)."""
+    h, w = tissue.shape
+    lh, lw = -(-h // f), -(-w // f)
+    yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float32)
+    out = np.zeros((lh, lw), np.float32)
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        a, x0, y0 = rng.uniform(0, np.pi), rng.uniform(0, lw), rng.uniform(0, lh)
+        dist = (xx - x0) * math.cos(a) + (yy - y0) * math.sin(a)
+        dist += 0.04 * max(lh, lw) * _noise((lh, lw), max(lh, lw) / 4, rng)
+        out = np.maximum(out, np.clip(rng.uniform(4, 12) - np.abs(dist), 0, 1))
+    return cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR) * tissue
+
+
+def _defocus(image, rng, count):
+    """Blur a few round patches of ``image`` in place (out of the scanner's focus)."""
+    h, w = image.shape[:2]
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        r = int(rng.uniform(300, 900))
+        cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
+        y0, y1, x0, x1 = max(cy - r, 0), min(cy + r, h), max(cx - r, 0), min(cx + r, w)
+        crop = image[y0:y1, x0:x1]
+        blurred = cv2.GaussianBlur(crop, (0, 0), rng.uniform(3, 8)).astype(np.float32)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        weight = np.clip(1.5 * (1 - np.hypot(xx - cx, yy - cy) / r), 0, 1).astype(np.float32)
+        weight = weight[..., None]
+        crop[:] = (crop * (1 - weight) + blurred * weight + 0.5).astype(np.uint8)
+
+
+# Optical density per RGB channel of marker inks: green, blue, black.
+_INKS = ((1.2, 0.3, 1.0), (1.1, 0.7, 0.2), (0.9, 0.9, 0.9))
+
+
+def _ink(image, rng, count):
+    """Pen strokes on the glass, in place: wavy thick lines of a marker ink."""
+    h, w = image.shape[:2]
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        steps = rng.normal(0, 250, (int(rng.integers(3, 8)), 2))
+        pts = rng.uniform(0, 1, 2) * (w, h) + np.cumsum(steps, 0)
+        width = int(rng.integers(12, 40))
+        x0, y0 = np.clip(pts.min(0) - width, 0, (w, h)).astype(int)
+        x1, y1 = np.clip(pts.max(0) + width, 0, (w, h)).astype(int)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        stroke = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        line = (pts - (x0, y0)).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(stroke, [line], False, 255, width, cv2.LINE_AA)
+        od = np.asarray(_INKS[int(rng.integers(len(_INKS)))], np.float32) * rng.uniform(0.6, 1.2)
+        alpha = stroke.astype(np.float32)[..., None] / 255
+        crop = image[y0:y1, x0:x1]
+        crop[:] = (crop * np.exp(-alpha * od.astype(np.float32)) + 0.5).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,7 +774,7 @@ def _check_size(size):
     return h, w
 
 
-def _plan(slides, test_slides, seed, patients):
+def _plan(slides, test_slides, seed, patients, p: Profile = MINI):
     """Per-slide plans (id, split, layout, patient, seed) and the patients' facts (pure)."""
     root = np.random.SeedSequence(seed)
     meta_seq, *slide_seqs = root.spawn(slides + 1)
@@ -606,10 +805,10 @@ def _plan(slides, test_slides, seed, patients):
             seed=slide_seqs[i],
         )
         for i in range(slides)
-    ], _patients(rng, patients, Stain())
+    ], _patients(rng, patients, Stain(), p)
 
 
-def _patients(rng, n, base: Stain):
+def _patients(rng, n, base: Stain, p: Profile = MINI):
     """Per-patient stain and demographics (numbers in the ranges of the real table)."""
     numbers = rng.choice(np.arange(60000, 70000), n, replace=False)
     people = []
@@ -618,7 +817,7 @@ def _patients(rng, n, base: Stain):
         weight = float(round(rng.uniform(52, 115), 1))
         people.append(
             {
-                "stain": base.jitter(rng, 0.12),
+                "stain": _darken(base.jitter(rng, p.patient_stain), rng, p.patient_light),
                 "patient_number": int(numbers[i]),
                 "race": str(rng.choice(["White", "Black or African American", "Asian"])),
                 "ethnicity": str(rng.choice(["Not Hispanic or Latino", "Hispanic or Latino"])),
@@ -630,6 +829,15 @@ def _patients(rng, n, base: Stain):
             }
         )
     return people
+
+
+def _darken(stain: Stain, rng, spread: float) -> Stain:
+    """``stain`` with both densities scaled by ``exp(N(0, spread))`` (0: unchanged, no draw)."""
+    if not spread:
+        return stain
+    gain = math.exp(rng.normal(0, spread))
+    scaled = [tuple(v * gain for v in od) for od in (stain.pas, stain.haematoxylin)]
+    return Stain(*scaled, stain.glass)
 
 
 def _write_tiff(path: Path, image: np.ndarray, layout: str) -> None:
@@ -681,17 +889,17 @@ def _csv_field(value) -> str:
     return text
 
 
-def _build(folder: Path, slides, test_slides, size, seed, patients) -> None:
+def _build(folder: Path, slides, test_slides, size, seed, patients, p=MINI) -> None:
     """Write the whole dataset into ``folder`` (an empty directory)."""
-    plans, people = _plan(slides, test_slides, seed, patients)
+    plans, people = _plan(slides, test_slides, seed, patients, p)
     (folder / "train").mkdir()
     (folder / "test").mkdir()
     train_rows, test_ids, info_rows = [], [], []
     for plan in plans:
         slide_rng = np.random.default_rng(plan.seed)
         person = people[plan.patient]
-        stain = person["stain"].jitter(slide_rng, 0.03)
-        slide = make_slide(size, slide_rng, stain)
+        stain = person["stain"].jitter(slide_rng, p.slide_stain)
+        slide = make_slide(size, slide_rng, stain, p)
         split_dir = folder / plan.split
         _write_tiff(split_dir / f"{plan.id}.tiff", slide.image, plan.layout)
         anatomy = _features(slide.cortex, "Cortex") + _features(slide.medulla, "Medulla")
@@ -734,20 +942,23 @@ def _build(folder: Path, slides, test_slides, size, seed, patients) -> None:
     manifest = {
         "generator": "kit.synthetic",
         "version": DATASET_VERSION,
-        "params": _params(slides, test_slides, size, seed, patients),
+        "params": _params(slides, test_slides, size, seed, patients, p.name),
         "layouts": {p.id: p.layout for p in plans},
     }
     _write_json(folder / MANIFEST_NAME, manifest)  # last: its presence means "complete"
 
 
-def _params(slides, test_slides, size, seed, patients):
-    return {
+def _params(slides, test_slides, size, seed, patients, profile="mini"):
+    params = {
         "slides": slides,
         "test_slides": test_slides,
         "size": [int(size[0]), int(size[1])],
         "seed": seed,
         "patients": patients,
     }
+    if profile != "mini":  # the mini manifest keeps its bytes from before profiles existed
+        params["profile"] = profile
+    return params
 
 
 def make_dataset(
@@ -755,10 +966,11 @@ def make_dataset(
     *,
     slides: int = 8,
     test_slides: int = 2,
-    size: tuple[int, int] = DEFAULT_SIZE,
+    size: tuple[int, int] | None = None,
     seed: int = 0,
     patients: int | None = None,
     overwrite: bool = False,
+    profile: str | Profile = "mini",
 ) -> Path:
     """Write a synthetic dataset in the competition's layout into the folder ``out``.
 
@@ -767,11 +979,13 @@ def make_dataset(
             a non-empty one is replaced only with ``overwrite=True``.
         slides: number of slides in all (>= 1), train and test together.
         test_slides: how many of them are test slides (0 <= test_slides < slides).
-        size: (H, W) of every slide, each >= 256.
+        size: (H, W) of every slide, each >= 256; default the profile's.
         seed: any int >= 0; the same seed gives the same files (ids, pixels, csv bytes).
         patients: number of patients the slides come from (1..slides); default about 0.6 per
             slide, so some patients have two or more slides.
         overwrite: replace an existing non-empty ``out``.
+        profile: ``"mini"`` (small and easy, the default), ``"realistic"`` (real pixel scale and
+            difficulty) or a `Profile`.
 
     Returns:
         ``out`` as a Path. Built in a temporary folder next to it and renamed into place, so
@@ -783,7 +997,8 @@ def make_dataset(
     """
     slides = _check_int("slides", slides, 1)
     test_slides = _check_int("test_slides", test_slides, 0, slides - 1)
-    size = _check_size(size)
+    p = _profile(profile)
+    size = _check_size(size or p.size)
     seed = _check_int("seed", seed, 0)
     if patients is None:
         patients = max(1, round(0.6 * slides))
@@ -793,7 +1008,7 @@ def make_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _build(work, slides, test_slides, size, seed, patients)
+        _build(work, slides, test_slides, size, seed, patients, p)
         _install(work, out, overwrite)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -827,23 +1042,28 @@ def is_complete(path: str | os.PathLike, params: dict | None = None) -> bool:
     return params is None or manifest.get("params") == params
 
 
-def default_dataset(cache_dir: str | os.PathLike | None = None) -> Path:
+def default_dataset(cache_dir: str | os.PathLike | None = None, profile: str = "mini") -> Path:
     """The kit's embedded default dataset: generated once into a cache folder, then reused.
 
-    The folder is ``<cache>/synthetic-v<DATASET_VERSION>`` where ``<cache>`` is ``cache_dir``,
-    else ``$HUBMAP_KIT_CACHE``, else ``~/.cache/hubmap-kit``. Safe when several processes ask at
-    once: each builds a private copy and renames it into place; a loser discards its copy.
+    ``DEFAULT_PARAMS`` with the profile's slide size. The folder is
+    ``<cache>/synthetic-v<DATASET_VERSION>`` (``synthetic-<profile>-v...`` for other profiles)
+    where ``<cache>`` is ``cache_dir``, else ``$HUBMAP_KIT_CACHE``, else ``~/.cache/hubmap-kit``.
+    Safe when several processes ask at once: each builds a private copy and renames it into
+    place; a loser discards its copy.
     """
     root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hubmap-kit"
     root = Path(root).expanduser()
-    target = root / f"synthetic-v{DATASET_VERSION}"
-    params = _params(**DEFAULT_PARAMS)
+    p = _profile(profile)
+    kwargs = {**DEFAULT_PARAMS, "size": DEFAULT_PARAMS["size"] if p is MINI else p.size}
+    name = "synthetic" if p is MINI else f"synthetic-{p.name}"
+    target = root / f"{name}-v{DATASET_VERSION}"
+    params = _params(**kwargs, profile=p.name)
     if is_complete(target, params):
         return target
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
-        built = make_dataset(work / "data", **DEFAULT_PARAMS)
+        built = make_dataset(work / "data", **kwargs, profile=p)
         # Another process may have finished first: keep theirs, drop ours.
         atomic.place_folder(built, target, keep=lambda t: is_complete(t, params))
     finally:

@@ -125,6 +125,10 @@ plots.show(
 colour = ["r", "g", "b"] + [f"{c}_{s}" for c in "hsv" for s in ("mean", "std")]
 table[["id", "patient", "tissue_fraction", *colour]].round(2)
 
+# %%
+patients = eda.patient_colours(table)
+plots.show(plots.plot_colours(patients), FIGURES / "patient_colours.png")
+
 # %% [markdown]
 # ## How many training windows hold a glomerulus?
 

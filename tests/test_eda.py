@@ -74,3 +74,20 @@ def test_mask_window_pads_outside():
         got = eda.mask_window(text, mask.shape, rows, cols)
         want = padded[rows.start + 2 : rows.stop + 2, cols.start + 2 : cols.stop + 2]
         np.testing.assert_array_equal(got, want)
+
+
+def test_patient_colours_means_per_patient():
+    table = pd.DataFrame(
+        {
+            "patient": ["a", "b", "a", ""],
+            "r": [100, 50, 120, 0],
+            "g": [10, 20, 30, 0],
+            "b": [0, 0, 60, 0],
+        }
+    )
+    out = eda.patient_colours(table)
+    assert list(out.index) == ["?", "b", "a"]  # darkest first
+    assert out.loc["a", ["r", "g", "b"]].tolist() == [110, 20, 30]
+    assert out.loc["a", "slides"] == 2
+    with pytest.raises(ValueError):
+        eda.patient_colours(table.iloc[:0])

@@ -55,3 +55,14 @@ def test_figures_are_written(tmp_path):
         "image.png",
         "sweep.png",
     ]
+
+
+def test_plot_colours_draws_one_swatch_per_row(tmp_path):
+    colours = pd.DataFrame({"r": [255, 0], "g": [0, 0], "b": [0, 255]}, index=["p1", "p2"])
+    fig = plots.plot_colours(colours)
+    swatch = fig.axes[0].images[0].get_array()
+    assert swatch.shape == (1, 2, 3)
+    assert np.allclose(swatch[0, 0], [1, 0, 0]) and np.allclose(swatch[0, 1], [0, 0, 1])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["p1", "p2"]
+    with pytest.raises(ValueError):
+        plots.plot_colours(colours.iloc[:0])

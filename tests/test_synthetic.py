@@ -379,3 +379,71 @@ def test_default_dataset_two_processes_at_once(tmp_path):
     assert outputs[0] == outputs[1]
     assert synthetic.is_complete(outputs[0])
     assert [p.name for p in tmp_path.iterdir()] == [Path(outputs[0]).name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles
+
+
+def test_mini_profile_keeps_the_bytes_of_the_generator_before_profiles():
+    # sha256 of make_slide((300, 400), seed=5).image, taken from the generator before profiles
+    # existed: the mini profile must not change cached datasets or the tests' data.
+    import hashlib
+
+    image = make_slide((300, 400), seed=5).image
+    digest = "cd72e9537b0499f7601a2d02c7f1fad30225c83f060488863820e61c5a9e85bc"
+    assert hashlib.sha256(image.tobytes()).hexdigest() == digest
+    assert np.array_equal(make_slide((300, 400), seed=5, profile="mini").image, image)
+
+
+@pytest.fixture(scope="module")
+def realistic_slide():
+    return make_slide((2048, 2560), seed=4, profile="realistic")
+
+
+def test_realistic_glomeruli_are_200_to_400_px_and_inside_the_cortex(realistic_slide):
+    slide = realistic_slide
+    areas = np.array([cv2.contourArea(r.astype(np.float32)) for r in slide.glomeruli])
+    assert len(areas) >= 5
+    assert 200 <= np.median(2 * np.sqrt(areas / np.pi)) <= 400
+    cortex = rasterize(slide.cortex, slide.image.shape[:2]).astype(bool)
+    for ring in slide.glomeruli:
+        inside = rasterize([[ring]], slide.image.shape[:2]).astype(bool)
+        # the cortex polygon is a 1 px simplification of its mask: allow its rounding
+        assert cortex[inside].mean() > 0.97
+
+
+def test_realistic_has_lookalikes_of_every_kind(realistic_slide):
+    kinds = {kind for kind, _ in realistic_slide.distractors}
+    assert kinds == {"vessel", "tubules", "blob"}
+
+
+def test_realistic_patients_differ_in_colour(tmp_path):
+    from kit.eda import patient_colours, slide_table
+
+    out = make_dataset(
+        tmp_path / "r",
+        slides=4,
+        test_slides=1,
+        size=(768, 1024),
+        seed=1,
+        patients=4,
+        profile="realistic",
+    )
+    colours = patient_colours(slide_table(out, thumb_scale=8))[["r", "g", "b"]].to_numpy()
+    assert len(colours) == 4
+    gaps = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+    # at least 3 patients whose mean tissue colours are >= 10 RGB levels apart pairwise
+    assert any(
+        min(gaps[i, j], gaps[i, k], gaps[j, k]) >= 10
+        for i in range(4)
+        for j in range(i + 1, 4)
+        for k in range(j + 1, 4)
+    )
+    manifest = json.loads((out / synthetic.MANIFEST_NAME).read_text())
+    assert manifest["params"]["profile"] == "realistic"
+
+
+def test_unknown_profile_is_named(tmp_path):
+    with pytest.raises(ValueError, match="huge"):
+        make_dataset(tmp_path / "x", profile="huge")
