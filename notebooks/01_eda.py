@@ -148,5 +148,10 @@ kinds
 # %%
 # The pictures above were written to disk; check they really were.
 written = sorted(p.name for p in FIGURES.glob("*.png"))
-assert written == ["glomerulus_diameters.png", "thumbnails.png", "zooms.png"], written
+assert written == [
+    "glomerulus_diameters.png",
+    "patient_colours.png",
+    "thumbnails.png",
+    "zooms.png",
+], written
 print("figures:", ", ".join(written))
