@@ -6,11 +6,11 @@
     best_threshold(scores)   # (threshold, mean Dice) of the best column
     print(format_report(scores))
 
-Predictions go through `kit.infer.iter_probability_strips`, the path submissions take, and are
-compared strip by strip with the truth decoded from ``train.csv`` for the same columns
-(`kit.rle.decode_columns`): neither the probabilities nor the truth of a whole slide is ever held.
-The counts are accumulated by `kit.metrics.ThresholdSweep`, so each slide's Dice is computed once
-from its totals.
+Predictions go through `kit.infer.iter_probability_strips`, the path submissions take (each
+slide opened once), and are compared strip by strip with the truth decoded from ``train.csv``
+for the same columns (`kit.rle.decode_columns`): neither the probabilities nor the truth of a
+whole slide is ever held. The counts are accumulated by `kit.metrics.ThresholdSweep`, so each
+slide's Dice is computed once from its totals.
 """
 
 from __future__ import annotations
@@ -82,25 +82,11 @@ def evaluate_slides(
     extra = list(dict.fromkeys(float(t) for t in thresholds))
     rows = []
     for i, slide_id in enumerate(ids, 1):
-        start = time.perf_counter()
-        encoder = _Encoder(paths[slide_id], cfg.threshold) if keep_rle else None
         with tile_bar(f"evaluate {slide_id} ({i}/{len(ids)})", progress) as advance:
-            sweep = _sweep_slide(
-                paths[slide_id], truth[slide_id], predictor, cfg, extra, encoder, advance
+            row = _score_slide(
+                paths[slide_id], truth[slide_id], predictor, cfg, extra, keep_rle, advance
             )
-        scores = sweep.compute()
-        at = sweep.thresholds.index(float(cfg.threshold))
-        rows.append(
-            {
-                "id": slide_id,
-                "dice": scores[float(cfg.threshold)],
-                **{f"dice@{t:g}": scores[t] for t in extra},
-                "pred_px": int(sweep.pred_sum[at]),
-                "true_px": int(sweep.target_sum),
-                "seconds": round(time.perf_counter() - start, 2),
-                **({"rle": encoder.finish()} if encoder else {}),
-            }
-        )
+        rows.append({"id": slide_id, **row})
     return pd.DataFrame(rows, columns=_columns(extra) + (["rle"] if keep_rle else []))
 
 
@@ -136,43 +122,40 @@ def format_report(scores: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _sweep_slide(
+def _score_slide(
     path: Path,
     rle: str,
     predictor: Predictor,
     cfg: InferConfig,
     thresholds: Sequence[float],
-    encoder: _Encoder | None = None,
-    on_progress: OnProgress | None = None,
-) -> ThresholdSweep:
-    """Counts at every threshold (and cfg.threshold) of one slide, strip by strip."""
+    keep_rle: bool,
+    on_progress: OnProgress | None,
+) -> dict:
+    """One slide's row of `evaluate_slides` (without its id): the slide is opened once, and its
+    probability strips go to two sinks, a threshold sweep and (``keep_rle``) an RLE encoder."""
+    start = time.perf_counter()
     with Slide(path) as slide:
         shape = slide.shape
-    try:
-        runs = parse(rle, shape)  # once, and before predicting, so an error names the slide
-    except ValueError as e:
-        raise ValueError(f"train.csv encoding of {path.stem} (shape {shape}): {e}") from e
-    sweep = ThresholdSweep(sorted({*thresholds, float(cfg.threshold)}))
-    for cols, probs in iter_probability_strips(path, predictor, cfg, on_progress=on_progress):
-        sweep.update(probs, decode_columns(runs, shape, cols))
-        if encoder is not None:
-            encoder.add(probs)
-    return sweep
-
-
-class _Encoder:
-    """Streams thresholded probability strips of one slide into the competition's RLE."""
-
-    def __init__(self, path: Path, threshold: float):
-        with Slide(path) as slide:
-            self._rle = RleEncoder(slide.shape[0])
-        self.threshold = threshold
-
-    def add(self, probs) -> None:
-        self._rle.add(probs > self.threshold)
-
-    def finish(self) -> str:
-        return self._rle.finish()
+        try:
+            runs = parse(rle, shape)  # once, and before predicting, so an error names the slide
+        except ValueError as e:
+            raise ValueError(f"train.csv encoding of {path.stem} (shape {shape}): {e}") from e
+        sweep = ThresholdSweep(sorted({*thresholds, float(cfg.threshold)}))
+        encoder = RleEncoder(shape[0]) if keep_rle else None
+        for cols, probs in iter_probability_strips(slide, predictor, cfg, on_progress=on_progress):
+            sweep.update(probs, decode_columns(runs, shape, cols))
+            if encoder is not None:
+                encoder.add(probs > cfg.threshold)
+    scores = sweep.compute()
+    at = sweep.thresholds.index(float(cfg.threshold))
+    return {
+        "dice": scores[float(cfg.threshold)],
+        **{f"dice@{t:g}": scores[t] for t in thresholds},
+        "pred_px": int(sweep.pred_sum[at]),
+        "true_px": int(sweep.target_sum),
+        "seconds": round(time.perf_counter() - start, 2),
+        **({"rle": encoder.finish()} if encoder else {}),
+    }
 
 
 def _columns(thresholds: Sequence[float]) -> list[str]:

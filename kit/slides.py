@@ -224,11 +224,11 @@ class Slide:
             uint8 (ceil(h / scale), ceil(w / scale), 3) RGB with h, w the slice lengths; equal to
             ``downscale(padded[rows, cols], scale, fill)``.
         """
-        return np.ascontiguousarray(self._read_planes(rows, cols, scale).transpose(1, 2, 0))
+        return np.ascontiguousarray(self.read_planes(rows, cols, scale).transpose(1, 2, 0))
 
-    def _read_planes(self, rows: slice, cols: slice, scale: int = 1) -> np.ndarray:
+    def read_planes(self, rows: slice, cols: slice, scale: int = 1) -> np.ndarray:
         """`read` as colour planes: uint8 (3, h', w'), the layout GDAL decodes into and models
-        take, so no (h, w, 3) copy is ever made (kit.infer reads through this)."""
+        take, so no (h, w, 3) copy is ever made (`kit.windows` reads through this)."""
         scale = _check_scale(scale)
         self._check_open()
         r0, r1 = _bounds(rows, self.shape[0], "rows")
@@ -277,7 +277,7 @@ class Slide:
         for y in range(0, height, step_h):
             for x in range(0, width, step_w):
                 rows, cols = slice(y, min(y + step_h, height)), slice(x, min(x + step_w, width))
-                part = self._read_planes(rows, cols, scale).transpose(1, 2, 0)
+                part = self.read_planes(rows, cols, scale).transpose(1, 2, 0)
                 ty, tx = y // scale, x // scale
                 thumb[ty : ty + part.shape[0], tx : tx + part.shape[1]] = part
         return thumb

@@ -11,20 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kit.infer
 from kit.infer import (
     InferConfig,
+    Probabilities,
     iter_mask_strips,
     iter_probability_strips,
     predict_slide,
     predict_slide_rle,
     resolve_config,
     sigmoid,
-    upsample,
 )
+from kit.merge import StripMerger, upsample
 from kit.rle import encode
-from kit.slides import downscale
+from kit.slides import Slide, downscale
 from kit.tiling import has_tissue, plan, tissue_fraction, tissue_mask
+from kit.windows import Splitter
 
 
 def pointwise(x: torch.Tensor) -> torch.Tensor:
@@ -113,17 +114,28 @@ def test_predict_slide_equals_whole_image(
     [EXACT_CASES[3], EXACT_CASES[6], EXACT_CASES[8], EXACT_CASES[10]],
 )
 def test_mask_merged_in_row_bands_equals_whole_image(
-    tmp_path, write_tiff, monkeypatch, band_rows, shape, window, overlap, scale, mode
+    tmp_path, write_tiff, band_rows, shape, window, overlap, scale, mode
 ):
     # A smooth image gives bands all below, all above and across the threshold; each kind is
-    # shortcut or upsampled on its own, and band edges must not show.
-    monkeypatch.setattr(kit.infer, "_MERGE_BAND_ROWS", band_rows)
+    # shortcut or upsampled on its own, and band edges must not show. The three objects wired
+    # by hand: splitter -> predictor -> merger.
     image = smooth_image(shape, seed=3, noise=2)
     path = write_tiff(tmp_path / "s.tiff", image)
     cfg = InferConfig(window, overlap, scale, upsample=mode, tissue=False)
     expected = (reference_probs(image, cfg) > 0.5).astype(np.uint8)
     assert 0 < expected.sum() < expected.size
-    np.testing.assert_array_equal(predict_slide(path, pointwise, cfg), expected)
+    with Slide(path) as slide:
+        splitter = Splitter(slide, window, overlap, scale, batch_size=4, tissue=False)
+        merger = StripMerger(splitter.columns, shape, scale, mode, 0.5, band_rows=band_rows)
+        predict = Probabilities(pointwise)
+        strips = [
+            strip
+            for tiles, windows in splitter
+            for tile, probs in zip(tiles, predict(windows), strict=True)
+            for strip in merger.add(tile, probs)
+        ]
+    strips += list(merger.finish())
+    np.testing.assert_array_equal(collect(strips, shape, np.uint8), expected)
 
 
 @pytest.mark.parametrize(
@@ -173,21 +185,21 @@ def test_reading_threads_do_not_change_the_result(tmp_path, write_tiff):
 
 
 @pytest.mark.parametrize("tissue", [False, True])
-def test_the_slide_is_decoded_once(tmp_path, write_tiff, monkeypatch, tissue):
+def test_the_slide_is_decoded_once(tmp_path, write_tiff, tissue):
     # Neighbouring column strips overlap; the shared columns are kept, not read again, and the
     # tissue test needs no thumbnail pass: every pixel of the padded plan is requested once.
     image = smooth_image((301, 517), seed=4)
     path = write_tiff(tmp_path / "s.tiff", image)
     cfg = InferConfig(window=128, overlap=32, scale=4, tissue=tissue, batch_size=3)
     reads = []
-    original = kit.infer.Slide._read_planes
 
-    def recording(self, rows, cols, scale=1):
-        reads.append((rows.start, rows.stop, cols.start, cols.stop))
-        return original(self, rows, cols, scale)
+    class RecordingSlide(Slide):
+        def read_planes(self, rows, cols, scale=1):
+            reads.append((rows.start, rows.stop, cols.start, cols.stop))
+            return super().read_planes(rows, cols, scale)
 
-    monkeypatch.setattr(kit.infer.Slide, "_read_planes", recording)
-    mask = predict_slide(path, pointwise, cfg)
+    with RecordingSlide(path) as slide:
+        mask = predict_slide(slide, pointwise, cfg)
     np.testing.assert_array_equal(mask, (reference_probs(image, cfg) > 0.5).astype(np.uint8))
     tiles = plan(image.shape[:2], 128, 32, align=4)
     height, width = max(t.y1 for t in tiles), max(t.x1 for t in tiles)
@@ -373,3 +385,85 @@ def test_config_from_checkpoint_takes_training_settings_then_overrides():
     assert config_from_checkpoint({"config": nested}) == InferConfig(**trained, tta=True)
     with pytest.raises(ValueError, match="overlap"):
         config_from_checkpoint(ckpt, overlap=512)
+
+
+@pytest.mark.parametrize(("scale", "tta"), [(2, False), (4, True)])
+def test_probabilities_match_an_independent_reference(tmp_path, write_tiff, scale, tta):
+    # torch's own sigmoid, flips and bilinear interpolation on the whole image, none of the
+    # kit's functions: equal up to float rounding (torch's source coordinates are float32).
+    image = smooth_image((211, 173), seed=scale)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=64, overlap=16, scale=scale, tissue=False, tta=tta)
+    ours = collect(iter_probability_strips(path, pointwise, cfg), image.shape[:2], np.float32)
+    # The slide padded to whole blocks and downscaled by block means (`downscale`, tested in
+    # tests/test_slides.py): the low-resolution image every window is a slice of.
+    low = torch.from_numpy(downscale(image, scale)).permute(2, 0, 1)[None].float().div(255)
+    flips = ((), (-1,), (-2,), (-2, -1)) if tta else ((),)
+    probs = sum(torch.sigmoid(pointwise(low.flip(d)).double()).flip(d) for d in flips) / len(flips)
+    up = F.interpolate(probs.float(), scale_factor=scale, mode="bilinear", align_corners=False)
+    height, width = image.shape[:2]
+    np.testing.assert_allclose(ours, up[0, 0, :height, :width].numpy(), atol=2e-6, rtol=0)
+
+
+def test_an_open_slide_is_used_as_it_is_and_left_open(tmp_path, write_tiff):
+    image = smooth_image((150, 190), seed=5)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=64, overlap=16, scale=2, tissue=False)
+    with Slide(path) as slide:
+        mask = predict_slide(slide, pointwise, cfg)
+        rle = predict_slide_rle(slide, pointwise, cfg)
+        assert slide.read(slice(0, 2), slice(0, 2)).shape == (2, 2, 3)  # still open
+    np.testing.assert_array_equal(mask, predict_slide(path, pointwise, cfg))
+    assert rle == encode(mask)
+
+
+def test_tta_is_one_predictor_call_per_batch():
+    calls = []
+
+    def recording(x):
+        calls.append(tuple(x.shape))
+        return pointwise(x)
+
+    windows = np.random.default_rng(0).integers(0, 256, (3, 3, 8, 6), dtype=np.uint8)
+    probs = Probabilities(recording, tta=True)(windows)
+    assert calls == [(12, 3, 8, 6)] and probs.shape == (3, 8, 6) and probs.dtype == np.float32
+    # Un-flipped before averaging: a predictor that ignores position gives the plain result.
+    single = Probabilities(pointwise)(windows)
+    np.testing.assert_allclose(probs, single, atol=1e-7)
+
+
+def test_splitter_windows_are_slices_of_the_downscaled_slide(tmp_path, write_tiff):
+    # An awkward size: windows run past both edges, filled like the padded slide.
+    image = smooth_image((237, 511), seed=6)
+    path = write_tiff(tmp_path / "s.tiff", image, tile=(32, 32))
+    with Slide(path) as slide:
+        splitter = Splitter(slide, window=96, overlap=24, scale=3, batch_size=5, tissue=False)
+        batches = list(splitter)
+    tiles = [t for column in splitter.columns for t in column]
+    assert [t for ts, _ in batches for t in ts] == tiles and len(splitter) == len(tiles)
+    assert all(len(ts) == len(w) <= 5 for ts, w in batches)
+    height, width = max(t.y1 for t in tiles), max(t.x1 for t in tiles)
+    padded = np.zeros((height, width, 3), np.uint8)
+    padded[: image.shape[0], : image.shape[1]] = image
+    low = downscale(padded, 3).transpose(2, 0, 1)
+    for ts, windows in batches:
+        for t, w in zip(ts, windows, strict=True):
+            np.testing.assert_array_equal(w, low[:, t.y0 // 3 : t.y1 // 3, t.x0 // 3 : t.x1 // 3])
+
+
+def test_merger_hands_on_strips_in_order_and_fills_skipped_columns():
+    tiles = plan((50, 90), 32, 8, align=2)
+    splitter_columns = [[t for t in tiles if t.cx0 == x] for x in sorted({t.cx0 for t in tiles})]
+    merger = StripMerger(splitter_columns, (50, 90), scale=2, threshold=0.5)
+    ones = np.ones((16, 16), np.float32)
+    # Only the last column's first tile is predicted: the earlier strips come out empty first.
+    last = splitter_columns[-1][0]
+    strips = list(merger.add(last, ones))
+    assert [c for c, _ in strips] == [col[0].core[1] for col in splitter_columns[:-1]]
+    assert all(not s.any() for _, s in strips)
+    assert merger.done == sum(len(c) for c in splitter_columns[:-1])
+    with pytest.raises(ValueError, match="not in the plan or came after its column"):
+        list(merger.add(splitter_columns[0][0], ones))
+    (cols, strip), *rest = list(merger.finish())
+    assert not rest and cols == last.core[1] and merger.done == merger.total == len(tiles)
+    assert strip[last.core[0]].all() and not strip[last.cy1 :].any()

@@ -21,15 +21,16 @@ def pointwise(x: torch.Tensor) -> torch.Tensor:
 
 
 class Counting:
-    """A pointwise predictor with a fingerprint, counting calls and failing on demand."""
+    """A pointwise predictor with a fingerprint, counting calls and windows, failing on demand."""
 
     def __init__(self, fingerprint="weights-v1", fail_at: int | None = None):
         self.fingerprint = fingerprint
-        self.calls = 0
+        self.calls = self.windows = 0
         self.fail_at = fail_at
 
     def __call__(self, x):
         self.calls += 1
+        self.windows += len(x)
         if self.calls == self.fail_at:
             raise RuntimeError("interrupted")
         return pointwise(x)
@@ -116,7 +117,8 @@ def test_parts_from_another_predictor_or_config_are_not_reused(data_dir, tmp_pat
         write_submission(data_dir, Counting(fail_at=2), out, CFG, progress=False)
     other_config = Counting()
     write_submission(data_dir, other_config, out, InferConfig(64, 16, 2, tissue=False, tta=True))
-    assert other_config.calls == 3 * 4  # tta: four flips per slide, nothing reused
+    # nothing reused: every slide predicted again, each window in four flips (one call)
+    assert other_config.calls == 3 and other_config.windows == 4 * other_weights.windows
     # Reading threads cannot change a prediction: such parts are reused.
     with pytest.raises(RuntimeError):
         write_submission(data_dir, Counting(fail_at=2), out, CFG, progress=False)
