@@ -33,15 +33,16 @@ def dice(pred: Array, target: Array) -> float:
     return _dice_from_counts(*binary_counts(pred, target))
 
 
-def binary_counts(pred: Array, target: Array) -> tuple[int, int, int]:
+def binary_counts(pred: Array, target: Array, chunk: int = _CHUNK) -> tuple[int, int, int]:
     """(intersection, pred sum, target sum) of two binary masks, nonzero = foreground.
 
     Floating-point masks must hold only 0 and 1, so that probabilities passed by mistake are
-    refused rather than counted as foreground.
+    refused rather than counted as foreground. numpy masks are counted ``chunk`` elements (rows
+    of them) at a time, which bounds the temporaries; the counts do not depend on it.
     """
     pred, target = _match(pred, target)
     counts = []
-    for p, t in _chunks(pred, target):
+    for p, t in _chunks(pred, target, chunk):
         for name, a in (("pred", p), ("target", t)):
             if _is_float(a) and bool(((a != 0) & (a != 1)).any()):
                 raise ValueError(
@@ -80,9 +81,11 @@ class ThresholdSweep:
 
     Args:
         thresholds: distinct finite thresholds, stored sorted.
+        chunk: numpy inputs are counted about this many elements at a time (as `binary_counts`).
     """
 
-    def __init__(self, thresholds: Iterable[float]) -> None:
+    def __init__(self, thresholds: Iterable[float], chunk: int = _CHUNK) -> None:
+        self.chunk = chunk
         values = [float(t) for t in thresholds]
         if not values or not all(math.isfinite(t) for t in values):
             raise ValueError(f"thresholds must be a non-empty list of finite numbers: {values}")
@@ -102,7 +105,7 @@ class ThresholdSweep:
         """Add probabilities (float, any shape) and their binary target (nonzero = foreground)."""
         prob, target = _match(prob, target)
         counts = []  # per chunk: target sum, then intersection and pred sum per threshold
-        for p, t in _chunks(prob, target):
+        for p, t in _chunks(prob, target, self.chunk):
             t = t != 0
             row = [_count(t)]
             for th in self.thresholds:
@@ -151,15 +154,15 @@ def _match(pred: Array, target: Array) -> tuple[Array, Array]:
     return pred, target
 
 
-def _chunks(a: Array, b: Array) -> Iterable[tuple[Array, Array]]:
-    """Aligned pieces of two equal-shape numpy arrays, about `_CHUNK` elements each (tensors whole).
+def _chunks(a: Array, b: Array, chunk: int) -> Iterable[tuple[Array, Array]]:
+    """Aligned pieces of two equal-shape numpy arrays, ~``chunk`` elements each (tensors whole).
 
     Chunks bound the temporary boolean arrays made from whole-slide masks.
     """
-    if isinstance(a, torch.Tensor) or a.ndim == 0 or a.size <= _CHUNK:
+    if isinstance(a, torch.Tensor) or a.ndim == 0 or a.size <= chunk:
         yield a, b
         return
-    step = max(1, _CHUNK // max(1, a[0].size))
+    step = max(1, chunk // max(1, a[0].size))
     for start in range(0, a.shape[0], step):
         yield a[start : start + step], b[start : start + step]
 

@@ -296,10 +296,12 @@ class RleEncoder:
     next, are merged, so the result equals ``encode`` of the whole mask for any split. Memory:
     the transitions found so far (two int64 per run), O(H + w) scratch and, for strips that
     cannot be scanned in place (wider than 1 byte, or neither rows nor columns contiguous), flag
-    copies of at most ``_COPY_PIXELS`` pixels at a time.
+    copies of at most ``copy_pixels`` pixels at a time.
 
     Args:
         height: H, the number of rows of the mask (and of every strip).
+        copy_pixels: the most pixels a flag copy holds (bounds the scratch memory; the result
+            does not depend on it).
 
     Example:
         >>> enc = RleEncoder(3)
@@ -309,14 +311,17 @@ class RleEncoder:
         '2 4'
     """
 
-    def __init__(self, height: int):
+    def __init__(self, height: int, copy_pixels: int = _COPY_PIXELS):
         try:
             h = operator.index(height)
         except TypeError:
             raise ValueError(f"height must be an int >= 0, got {height!r}") from None
         if h < 0 or isinstance(height, bool):
             raise ValueError(f"height must be an int >= 0, got {height!r}")
+        if isinstance(copy_pixels, bool) or not isinstance(copy_pixels, int) or copy_pixels < 1:
+            raise ValueError(f"copy_pixels must be an int >= 1, got {copy_pixels!r}")
         self.height = h
+        self.copy_pixels = copy_pixels
         self.width = 0  # columns added so far
         self._last = False  # flag of the last pixel added
         self._transitions: list[np.ndarray] = []
@@ -364,7 +369,7 @@ class RleEncoder:
         if (flat := _flat_bytes(a, "rows")) is not None:
             found, n = _row_changes(flat[0], h, w, flat[1], 0, found, n, *scratch)
         else:  # blocks of rows as flags, each with the row before it (bounded memory)
-            step = max(1, _COPY_PIXELS // w)
+            step = max(1, self.copy_pixels // w)
             for r0 in range(1, h, step):
                 block = _flags(a[r0 - 1 : r0 + step], "C")
                 buf, stride = _flat_bytes(block, "rows")
@@ -378,7 +383,7 @@ class RleEncoder:
             return _column_changes(flat[0], h, w, flat[1], self._last, *scratch)
         parts = []  # blocks of columns as flags (bounded memory)
         last = self._last
-        step = max(1, _COPY_PIXELS // h)
+        step = max(1, self.copy_pixels // h)
         for c0 in range(0, w, step):
             block = _flags(a[:, c0 : c0 + step], "F")
             buf, stride = _flat_bytes(block, "columns")

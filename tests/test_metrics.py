@@ -56,14 +56,14 @@ def test_dice_score_accepts_a_channel_axis_and_mixed_libraries():
     assert binary_counts(pred, torch.from_numpy(target)) == binary_counts(pred[:, 0], target)
 
 
-def test_numpy_chunking_matches_whole_count(monkeypatch):
+def test_numpy_chunking_matches_whole_count():
     g = np.random.default_rng(1)
     pred = g.random((37, 11)) > 0.4
     target = g.random((37, 11)) > 0.6
     whole = binary_counts(pred, target)
-    monkeypatch.setattr("kit.metrics._CHUNK", 50)  # forces chunks of 4 rows, the last short
-    assert binary_counts(pred, target) == whole
-    sweep = ThresholdSweep([0.5])
+    # chunks of 50 elements: 4 rows of 11, the last chunk short
+    assert binary_counts(pred, target, chunk=50) == whole
+    sweep = ThresholdSweep([0.5], chunk=50)
     sweep.update(pred.astype(np.float32), target)
     assert (int(sweep.intersection[0]), int(sweep.pred_sum[0]), sweep.target_sum) == whole
 
