@@ -9,7 +9,11 @@
 The plan (`kit.tiling.plan`) lays windows aligned to the scale, ordered column strip by column
 strip. The slide is decoded once, left to right, into one buffer of downscaled columns (the
 band): window starts are multiples of the scale, so a window is a slice of the band. Columns a
-strip shares with the previous one (the overlap) are kept, not decoded again. Tiles whose core
+strip shares with the previous one (the overlap) are kept, not decoded again. A file stored in
+strips (blocks as wide as the slide) would be decoded again for every column strip, so it is
+read whole, strip band by strip band, into one downscaled picture of the slide (its size is
+``3 * H * W / scale**2`` bytes: 221 MB for 30720 x 38400 at scale 4), when that fits
+``max_band_bytes``; above it, column strips again (each decoding the whole width). Tiles whose core
 shows no tissue (the kit's tissue rule, `kit.tiling.has_tissue`, judged on the tile's own
 downscaled pixels) are left out: a merger fills them with 0.
 """
@@ -34,6 +38,8 @@ Batch = tuple[list[Tile], np.ndarray]
 # Full-resolution pixels per read of a column strip's band (6 MB of RGB): requests of many
 # blocks are what GDAL decodes in parallel; a bound, so memory stays O(H x strip width) small.
 _READ_CHUNK_PIXELS = 2 * 2**20
+# The default bound on a striped slide read whole, downscaled (see the module's docstring).
+MAX_BAND_BYTES = 1 << 30
 
 
 def column_strips(tiles: Sequence[Tile]) -> list[list[Tile]]:
@@ -57,6 +63,7 @@ class Splitter:
         batch_size: windows per batch (the last one may hold fewer).
         tissue: leave out tiles whose core shows no tissue.
         tissue_saturation, min_tissue: the tissue rule's settings (`kit.tiling.has_tissue`).
+        max_band_bytes: the most the band may hold when a striped file is read whole.
 
     Iterating yields `Batch` es: (tiles, uint8 (n, 3, h, w) windows, RGB). Each batch is a new
     array, so batches may be queued (`read_ahead`).
@@ -73,12 +80,16 @@ class Splitter:
         tissue: bool = True,
         tissue_saturation: int = TISSUE_SATURATION,
         min_tissue: float = MIN_TISSUE,
+        max_band_bytes: int = MAX_BAND_BYTES,
     ) -> None:
         self.slide = slide
         self.shape = slide.shape
         self.scale, self.batch_size = scale, batch_size
         self.tissue, self.saturation, self.min_tissue = tissue, tissue_saturation, min_tissue
         self.columns = column_strips(plan(self.shape, window, overlap, align=scale))
+        rows, cols = self.columns[-1][-1].y1, self.columns[-1][-1].x1  # the plan's extent
+        striped = slide.block_shape[1] >= self.shape[1] > window
+        self.whole = striped and 3 * (rows // scale) * (cols // scale) <= max_band_bytes
 
     def __len__(self) -> int:
         """Tiles in the plan (predicted or not)."""
@@ -107,6 +118,9 @@ class Splitter:
         s, (height, width) = self.scale, self.shape
         block_h, block_w = self.slide.block_shape
         unit_x, unit_y = _read_unit(block_w, width, s), _read_unit(block_h, height, s)
+        if self.whole:
+            yield from self._whole_windows(unit_y)
+            return
         band = None  # uint8 (3, rows / s, capacity): downscaled slide columns [band_x0, band_x1)
         band_x0 = band_x1 = 0
         for column in self.columns:
@@ -123,10 +137,23 @@ class Splitter:
                 out = band[:, :, (band_x1 - x0) // s : (stop - x0) // s]
                 self._read_band(band_x1, stop, unit_y, out)
                 band_x1 = stop
-            low = band[:, :, : (x1 - x0) // s]
-            for tile, keep in zip(column, self._keep(low, column), strict=True):
-                if keep:
-                    yield tile, low[:, tile.y0 // s : tile.y1 // s]
+            yield from self._column_windows(band[:, :, : (x1 - x0) // s], column)
+
+    def _whole_windows(self, unit_y: int) -> Iterator[tuple[Tile, np.ndarray]]:
+        """As `_windows`, from the whole plan read at once (a striped file: each strip once)."""
+        s, rows, cols = self.scale, self.columns[0][-1].y1, self.columns[-1][0].x1
+        band = np.empty((3, rows // s, cols // s), np.uint8)
+        self._read_band(0, cols, unit_y, band)
+        for column in self.columns:
+            x0, x1 = column[0].x0, column[0].x1
+            yield from self._column_windows(band[:, :, x0 // s : x1 // s], column)
+
+    def _column_windows(self, low: np.ndarray, column: Sequence[Tile]):
+        """(tile, window) of a column's tiles to predict; ``low`` uint8 (3, h, w) the column's
+        windows downscaled, from slide row 0 and column ``column[0].x0``."""
+        for tile, keep in zip(column, self._keep(low, column), strict=True):
+            if keep:
+                yield tile, low[:, tile.y0 // self.scale : tile.y1 // self.scale]
 
     def _read_band(self, x0: int, x1: int, unit: int, out: np.ndarray) -> None:
         """Read slide cols [x0, x1), rows [0, out.shape[1] * scale) (``fill`` past the slide),

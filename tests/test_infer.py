@@ -184,12 +184,14 @@ def test_reading_threads_do_not_change_the_result(tmp_path, write_tiff):
     np.testing.assert_array_equal(masks[0], masks[2])
 
 
+@pytest.mark.parametrize("tile", [(64, 64), None])
 @pytest.mark.parametrize("tissue", [False, True])
-def test_the_slide_is_decoded_once(tmp_path, write_tiff, tissue):
+def test_the_slide_is_decoded_once(tmp_path, write_tiff, tissue, tile):
     # Neighbouring column strips overlap; the shared columns are kept, not read again, and the
     # tissue test needs no thumbnail pass: every pixel of the padded plan is requested once.
+    # A file in strips (tile None) is read in full-width row bands: each strip decoded once.
     image = smooth_image((301, 517), seed=4)
-    path = write_tiff(tmp_path / "s.tiff", image)
+    path = write_tiff(tmp_path / "s.tiff", image, tile=tile)
     cfg = InferConfig(window=128, overlap=32, scale=4, tissue=tissue, batch_size=3)
     reads = []
 
@@ -209,6 +211,10 @@ def test_the_slide_is_decoded_once(tmp_path, write_tiff, tissue):
     for y0, y1, x0, x1 in reads:
         hits[y0:y1, x0:x1] += 1
     assert (hits == 1).all()
+    if tile is None:
+        assert all(x0 == 0 and x1 >= image.shape[1] for _, _, x0, x1 in reads)
+    else:
+        assert max(x1 - x0 for _, _, x0, x1 in reads) < image.shape[1]
 
 
 def glass_and_tissue(shape=(200, 400)) -> np.ndarray:
@@ -432,13 +438,23 @@ def test_tta_is_one_predictor_call_per_batch():
     np.testing.assert_allclose(probs, single, atol=1e-7)
 
 
-def test_splitter_windows_are_slices_of_the_downscaled_slide(tmp_path, write_tiff):
-    # An awkward size: windows run past both edges, filled like the padded slide.
+@pytest.mark.parametrize(
+    ("tile", "max_band_bytes", "whole"),
+    [((32, 32), 1 << 30, False), (None, 1 << 30, True), (None, 100, False)],
+)
+def test_splitter_windows_are_slices_of_the_downscaled_slide(
+    tmp_path, write_tiff, tile, max_band_bytes, whole
+):
+    # An awkward size: windows run past both edges, filled like the padded slide. A striped
+    # file is read whole when it fits max_band_bytes, else column strip by column strip.
     image = smooth_image((237, 511), seed=6)
-    path = write_tiff(tmp_path / "s.tiff", image, tile=(32, 32))
+    path = write_tiff(tmp_path / "s.tiff", image, tile=tile)
     with Slide(path) as slide:
-        splitter = Splitter(slide, window=96, overlap=24, scale=3, batch_size=5, tissue=False)
+        splitter = Splitter(
+            slide, 96, 24, 3, batch_size=5, tissue=False, max_band_bytes=max_band_bytes
+        )
         batches = list(splitter)
+    assert splitter.whole == whole
     tiles = [t for column in splitter.columns for t in column]
     assert [t for ts, _ in batches for t in ts] == tiles and len(splitter) == len(tiles)
     assert all(len(ts) == len(w) <= 5 for ts, w in batches)
