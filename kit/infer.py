@@ -10,7 +10,8 @@ Three objects, each readable alone, wired by `iter_probability_strips` / `iter_m
 
 - the splitter (`kit.windows.Splitter`) decodes the open slide once, column strip by column
   strip, and yields batches of windows downscaled by ``scale`` (uint8), leaving out tiles whose
-  core shows no tissue; `kit.windows.read_ahead` runs it in a thread, a bounded queue ahead;
+  core shows no tissue; `kit.windows.read_ahead` runs it in a thread, a bounded queue ahead, and
+  the predictor in another, so neither the reader nor the merge keeps the predictor waiting;
 - the predictor: any callable taking float (N, 3, h, w) RGB in [0, 1] and returning logits
   (N, 1, h, w), e.g. a model from `kit.model`; `Probabilities` wraps it into uint8 windows ->
   float32 probabilities (device upload, AMP, flip TTA as one batch, sigmoid);
@@ -275,18 +276,23 @@ def _strips(
             min_tissue=cfg.min_tissue,
         )
         merger = StripMerger(splitter.columns, slide.shape, cfg.scale, cfg.upsample, threshold)
-        batches = read_ahead(splitter, cfg.prefetch if cfg.workers else 0)
+        # Three stages, each in its own thread with workers: reading, the predictor (which
+        # then never waits for a merge), and merging into strips in the caller's thread.
+        depth = cfg.prefetch if cfg.workers else 0
+        batches = read_ahead(splitter, depth)
+        predicted = read_ahead(((tiles, step(windows)) for tiles, windows in batches), depth)
         try:
             if on_progress is not None:
                 on_progress(merger.done, merger.total)
-            for tiles, windows in batches:
-                for tile, probs in zip(tiles, step(windows), strict=True):
-                    for strip in merger.add(tile, probs):
+            for tiles, probs in predicted:
+                for tile, p in zip(tiles, probs, strict=True):
+                    for strip in merger.add(tile, p):
                         yield _reported(strip, merger, on_progress)
             for strip in merger.finish():
                 yield _reported(strip, merger, on_progress)
-        finally:
-            batches.close()  # stops the reading thread before the slide closes
+        finally:  # stop the threads (predictor first) before the slide closes
+            predicted.close()
+            batches.close()
 
 
 def _reported(strip, merger: StripMerger, on_progress: OnProgress | None):
