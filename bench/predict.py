@@ -19,6 +19,9 @@ a tiled, zlib-compressed RGB TIFF and cached under the temp dir. Three measureme
     thread, tissue skipping, batches, cores merged strip by strip into a streaming RLE). Both
     timed end to end, side by side in one run.
 (b) the same with a trivial pointwise predictor: each pipeline's own cost.
+(d) the trivial predictor on the same slide stored in each TIFF layout the competition has
+    (tiled or in strips of 16 rows; RGB in one page or one colour plane per page; zlib or raw):
+    the reader's speed per layout, as Mpx/s and as a ratio to the tiled zlib RGB file.
 (c) peak RSS of ``predict_slide_rle`` (trivial predictor) on big slides, each in a fresh
     subprocess: peak (VmHWM, reset through /proc/self/clear_refs) minus the RSS before the call,
     and the extra bytes per pixel between two sizes: what grows with the slide's area. Bounded
@@ -200,6 +203,55 @@ def slide_path(cache: Path, size: int) -> Path:
     return path
 
 
+# (name, tifffile arguments, planes): the layouts of (d).
+LAYOUTS = {
+    "tiled rgb zlib": (dict(tile=(TIFF_TILE, TIFF_TILE), compression="zlib"), False),
+    "tiled rgb raw": (dict(tile=(TIFF_TILE, TIFF_TILE)), False),
+    "striped rgb zlib": (dict(rowsperstrip=16, compression="zlib"), False),
+    "striped rgb raw": (dict(rowsperstrip=16), False),
+    "striped planes raw": (dict(rowsperstrip=16), True),
+    "tiled planes zlib": (dict(tile=(TIFF_TILE, TIFF_TILE), compression="zlib"), True),
+}
+
+
+def layout_path(cache: Path, size: int, name: str) -> Path:
+    """The slide of `slide_path` rewritten in one of LAYOUTS (cached)."""
+    path = cache / f"slide-{size}-{name.replace(' ', '-')}.tiff"
+    if path.exists():
+        return path
+    with tifffile.TiffFile(slide_path(cache, size)) as tif:
+        image = tif.asarray()
+    args, planes = LAYOUTS[name]
+    args = {**args, "metadata": None}
+    if "compression" in args:
+        args["compressionargs"] = {"level": 1}
+    tmp = path.with_suffix(".tmp.tiff")
+    with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tw:
+        if planes:
+            for c in range(3):
+                tw.write(np.ascontiguousarray(image[..., c]), photometric="minisblack", **args)
+        else:
+            tw.write(image, photometric="rgb", **args)
+    os.replace(tmp, path)
+    return path
+
+
+def layouts(cache: Path, size: int, cfg: InferConfig, repeat: int) -> None:
+    """(d): predict_slide_rle with the trivial predictor on each layout, interleaved, best of
+    ``repeat``."""
+    paths = {name: layout_path(cache, size, name) for name in LAYOUTS}
+    best = dict.fromkeys(LAYOUTS, float("inf"))
+    for _ in range(repeat):
+        for name, path in paths.items():
+            best[name] = min(best[name], timed(predict_slide_rle, path, trivial, cfg)[0])
+    px = size * size / 1e6
+    print(f"\n(d) trivial predictor per TIFF layout, slide {size} x {size}, window {cfg.window}, "
+          f"scale {cfg.scale}, best of {repeat}")  # fmt: skip
+    base = best["tiled rgb zlib"]
+    for name, t in best.items():
+        print(f"  {name:20s} {t:7.2f} s  {px / t:7.1f} Mpx/s  {base / t:5.2f}x tiled zlib speed")
+
+
 # ---------------------------------------------------------------------------------------------
 # Measurements
 
@@ -323,6 +375,7 @@ def main() -> None:
     )
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[20000, 5000])
     parser.add_argument("--skip-model", action="store_true", help="skip (a)")
+    parser.add_argument("--skip-layouts", action="store_true", help="skip (d)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench")
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -345,6 +398,8 @@ def main() -> None:
     compare(
         "b, trivial predictor", path, args.size, trivial, cfg, args.baseline_overlap, args.repeat
     )
+    if not args.skip_layouts:
+        layouts(args.cache, args.size, cfg, args.repeat)
     if args.memory_sizes:
         memory(args.cache, args.memory_sizes, cfg)
 
