@@ -39,7 +39,7 @@ from kit import atomic
 from kit.competition import Competition, read_polygons
 from kit.config import option
 from kit.polygons import rasterize
-from kit.progress import progress_bar
+from kit.progress import tile_bar
 from kit.rle import decode_columns, parse
 from kit.slides import Slide, downscale
 from kit.tiling import MIN_TISSUE, TISSUE_SATURATION, has_tissue, plan, tissue_fraction
@@ -245,7 +245,8 @@ def build_tile_cache(
     tmp = Path(tempfile.mkdtemp(prefix=f".{slide_id}-{os.getpid()}-", dir=cache_dir))
     try:
         index = select_tiles(index_slide(path, strip, cfg, slide_id), cfg)
-        _write_tiles(tmp, path, strip, shape, index, cfg, progress)
+        with tile_bar(f"tiles {slide_id}", progress) as advance:
+            _write_tiles(tmp, path, strip, shape, index, cfg, advance)
         index.to_csv(tmp / "index.csv", index=False)
         manifest = {
             "key": key,
@@ -293,18 +294,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_tiles(folder, path, mask_strip, shape, index, cfg, progress) -> None:
+def _write_tiles(folder, path, mask_strip, shape, index, cfg, on_progress) -> None:
     """Read, downscale and store the windows of ``index`` (and their masks) into ``folder``.
 
-    Column strip by column strip, so each strip of the mask is decoded once.
+    Column strip by column strip, so each strip of the mask is decoded once. ``on_progress(done,
+    total)`` is called after each tile (`kit.progress.tile_bar`).
     """
     n, t = len(index), cfg.tile
     images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, t, t, 3))
     masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, t, t))
     height = shape[0]
-    desc = f"tiles {index['id'].iloc[0] if n else ''}"
-    bar = progress_bar(desc=desc, unit="tile", progress=progress, total=n, leave=False)
-    with bar, Slide(path) as slide:
+    done = 0
+    with Slide(path) as slide:
         for (x0, x1), rows in index.groupby(["x0", "x1"], sort=False):
             cols = slice(max(x0, 0), min(x1, shape[1]))
             strip = mask_strip(cols)
@@ -316,7 +317,8 @@ def _write_tiles(folder, path, mask_strip, shape, index, cfg, progress) -> None:
                     top:bottom
                 ]
                 masks[i] = downscale_mask(full, cfg.scale)
-                bar.update()
+                done += 1
+                on_progress(done, n)
     images.flush()
     masks.flush()
     del images, masks
