@@ -42,7 +42,7 @@ from kit.polygons import rasterize
 from kit.progress import tile_bar
 from kit.rle import decode_columns, parse
 from kit.slides import Slide, downscale
-from kit.tiling import MIN_TISSUE, TISSUE_SATURATION, has_tissue, plan, tissue_fraction
+from kit.tiling import MIN_TISSUE, TISSUE_SATURATION, Tile, has_tissue, plan, tissue_fraction
 
 # Bump when the way tiles are built changes, so that old caches are rebuilt.
 CACHE_FORMAT = 2
@@ -143,16 +143,8 @@ def index_slide(
         picture = slide.thumbnail(cfg.scale)
     tissue = tissue_fraction(tiles, picture, cfg.scale, saturation=cfg.tissue_saturation)
     del picture  # hundreds of MB on a real slide: not held while the mask is read
-    area = float(cfg.window * cfg.window)
-    masked = np.zeros(len(tiles))
-    for cols, members in _column_strips(tiles, shape):
-        strip = mask_strip(cols)
-        # One cumulative sum per strip turns each window's count into two lookups.
-        rows = np.concatenate([[0], np.cumsum(strip.sum(axis=1, dtype=np.int64))])
-        for i in members:
-            t = tiles[i]
-            masked[i] = rows[min(t.y1, shape[0])] - rows[max(t.y0, 0)]
-    mask_fraction = masked / area
+    masked = _masked_pixels(tiles, shape, mask_strip)
+    mask_fraction = masked / float(cfg.window * cfg.window)
     kind = np.where(
         (masked > 0) & (mask_fraction >= cfg.min_mask_fraction),
         "positive",
@@ -185,6 +177,20 @@ def select_tiles(index: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         {"positive": 1.0, "tissue": cfg.tissue_share, "background": cfg.background_share}
     )
     return index[draw < share.to_numpy()].reset_index(drop=True)
+
+
+def _masked_pixels(tiles: Sequence[Tile], shape: tuple[int, int], mask_strip: MaskStrip):
+    """float64 (len(tiles),): the mask's pixels inside each window (within the slide), read
+    column strip by column strip."""
+    masked = np.zeros(len(tiles))
+    for cols, members in _column_strips(tiles, shape):
+        strip = mask_strip(cols)
+        # One cumulative sum per strip turns each window's count into two lookups.
+        rows = np.concatenate([[0], np.cumsum(strip.sum(axis=1, dtype=np.int64))])
+        for i in members:
+            t = tiles[i]
+            masked[i] = rows[min(t.y1, shape[0])] - rows[max(t.y0, 0)]
+    return masked
 
 
 def _column_strips(tiles, shape) -> Iterable[tuple[slice, list[int]]]:
