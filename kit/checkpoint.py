@@ -242,41 +242,56 @@ def export_model(
         FileExistsError: `out` holds something other than a previous export.
     """
     run, out = Path(run), Path(out)
-    if which not in CHECKPOINTS:
-        raise ValueError(f"which must be one of {list(CHECKPOINTS)}, got {which!r}")
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run}")
-    source = run / CHECKPOINTS[which]
+    source = _run_checkpoint(run, which)
     ckpt = read_checkpoint(source)
     user = validate_user(user) if user is not None else read_user(root)
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in ckpt["metrics"].items())
-    meta = dataset_metadata(
-        user,
-        slug,
-        title,
-        f"HuBMAP kit checkpoint: {ckpt['model_name']}, epoch {ckpt['epoch']}"
-        + (f" ({metrics})" if metrics else "")
-        + f", from run {run.resolve().name}.",
-    )
+    meta = dataset_metadata(user, slug, title, _description(ckpt, run))
     check_new_dataset_metadata(meta, f"{out / DATASET_METADATA} (to be written)")
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        if keep_training_state:
-            shutil.copy2(source, staging / source.name)
-        else:
-            slim = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
-            save_checkpoint(staging / source.name, slim)
-        for name in RUN_FILES:
-            if (run / name).is_file():
-                shutil.copy2(run / name, staging / name)
+        _copy_run(run, source, ckpt, staging, keep_training_state)
         atomic.write_json(staging / DATASET_METADATA, meta)
         atomic.swap_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _run_checkpoint(run: Path, which: str) -> Path:
+    """The path of checkpoint ``which`` ("best" or "last") of the run folder ``run``."""
+    if which not in CHECKPOINTS:
+        raise ValueError(f"which must be one of {list(CHECKPOINTS)}, got {which!r}")
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    return run / CHECKPOINTS[which]
+
+
+def _description(ckpt: Mapping[str, Any], run: Path) -> str:
+    """The model dataset's one-sentence description: model, epoch, metrics, run folder."""
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in ckpt["metrics"].items())
+    return (
+        f"HuBMAP kit checkpoint: {ckpt['model_name']}, epoch {ckpt['epoch']}"
+        + (f" ({metrics})" if metrics else "")
+        + f", from run {run.resolve().name}."
+    )
+
+
+def _copy_run(
+    run: Path, source: Path, ckpt: Mapping[str, Any], dest: Path, keep_training_state: bool
+) -> None:
+    """Copy the checkpoint ``source`` (read as ``ckpt``; slimmed of `TRAINING_STATE` unless
+    ``keep_training_state``) and the run's `RUN_FILES` that exist into ``dest``."""
+    if keep_training_state:
+        shutil.copy2(source, dest / source.name)
+    else:
+        slim = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+        save_checkpoint(dest / source.name, slim)
+    for name in RUN_FILES:
+        if (run / name).is_file():
+            shutil.copy2(run / name, dest / name)
 
 
 def _check_replaceable(out: Path) -> None:

@@ -39,10 +39,10 @@ from kit import atomic
 from kit.competition import Competition, read_polygons
 from kit.config import option
 from kit.polygons import rasterize
-from kit.progress import progress_bar
+from kit.progress import tile_bar
 from kit.rle import decode_columns, parse
 from kit.slides import Slide, downscale
-from kit.tiling import MIN_TISSUE, TISSUE_SATURATION, has_tissue, plan, tissue_fraction
+from kit.tiling import MIN_TISSUE, TISSUE_SATURATION, Tile, has_tissue, plan, tissue_fraction
 
 # Bump when the way tiles are built changes, so that old caches are rebuilt.
 CACHE_FORMAT = 2
@@ -143,16 +143,8 @@ def index_slide(
         picture = slide.thumbnail(cfg.scale)
     tissue = tissue_fraction(tiles, picture, cfg.scale, saturation=cfg.tissue_saturation)
     del picture  # hundreds of MB on a real slide: not held while the mask is read
-    area = float(cfg.window * cfg.window)
-    masked = np.zeros(len(tiles))
-    for cols, members in _column_strips(tiles, shape):
-        strip = mask_strip(cols)
-        # One cumulative sum per strip turns each window's count into two lookups.
-        rows = np.concatenate([[0], np.cumsum(strip.sum(axis=1, dtype=np.int64))])
-        for i in members:
-            t = tiles[i]
-            masked[i] = rows[min(t.y1, shape[0])] - rows[max(t.y0, 0)]
-    mask_fraction = masked / area
+    masked = _masked_pixels(tiles, shape, mask_strip)
+    mask_fraction = masked / float(cfg.window * cfg.window)
     kind = np.where(
         (masked > 0) & (mask_fraction >= cfg.min_mask_fraction),
         "positive",
@@ -185,6 +177,20 @@ def select_tiles(index: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         {"positive": 1.0, "tissue": cfg.tissue_share, "background": cfg.background_share}
     )
     return index[draw < share.to_numpy()].reset_index(drop=True)
+
+
+def _masked_pixels(tiles: Sequence[Tile], shape: tuple[int, int], mask_strip: MaskStrip):
+    """float64 (len(tiles),): the mask's pixels inside each window (within the slide), read
+    column strip by column strip."""
+    masked = np.zeros(len(tiles))
+    for cols, members in _column_strips(tiles, shape):
+        strip = mask_strip(cols)
+        # One cumulative sum per strip turns each window's count into two lookups.
+        rows = np.concatenate([[0], np.cumsum(strip.sum(axis=1, dtype=np.int64))])
+        for i in members:
+            t = tiles[i]
+            masked[i] = rows[min(t.y1, shape[0])] - rows[max(t.y0, 0)]
+    return masked
 
 
 def _column_strips(tiles, shape) -> Iterable[tuple[slice, list[int]]]:
@@ -245,7 +251,8 @@ def build_tile_cache(
     tmp = Path(tempfile.mkdtemp(prefix=f".{slide_id}-{os.getpid()}-", dir=cache_dir))
     try:
         index = select_tiles(index_slide(path, strip, cfg, slide_id), cfg)
-        _write_tiles(tmp, path, strip, shape, index, cfg, progress)
+        with tile_bar(f"tiles {slide_id}", progress) as advance:
+            _write_tiles(tmp, path, strip, shape, index, cfg, advance)
         index.to_csv(tmp / "index.csv", index=False)
         manifest = {
             "key": key,
@@ -293,18 +300,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_tiles(folder, path, mask_strip, shape, index, cfg, progress) -> None:
+def _write_tiles(folder, path, mask_strip, shape, index, cfg, on_progress) -> None:
     """Read, downscale and store the windows of ``index`` (and their masks) into ``folder``.
 
-    Column strip by column strip, so each strip of the mask is decoded once.
+    Column strip by column strip, so each strip of the mask is decoded once. ``on_progress(done,
+    total)`` is called after each tile (`kit.progress.tile_bar`).
     """
     n, t = len(index), cfg.tile
     images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, t, t, 3))
     masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, t, t))
     height = shape[0]
-    desc = f"tiles {index['id'].iloc[0] if n else ''}"
-    bar = progress_bar(desc=desc, unit="tile", progress=progress, total=n, leave=False)
-    with bar, Slide(path) as slide:
+    done = 0
+    with Slide(path) as slide:
         for (x0, x1), rows in index.groupby(["x0", "x1"], sort=False):
             cols = slice(max(x0, 0), min(x1, shape[1]))
             strip = mask_strip(cols)
@@ -316,7 +323,8 @@ def _write_tiles(folder, path, mask_strip, shape, index, cfg, progress) -> None:
                     top:bottom
                 ]
                 masks[i] = downscale_mask(full, cfg.scale)
-                bar.update()
+                done += 1
+                on_progress(done, n)
     images.flush()
     masks.flush()
     del images, masks

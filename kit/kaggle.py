@@ -188,24 +188,7 @@ def _kernel_problems(meta: Mapping[str, Any], folder: Path) -> list[str]:
         f"{key}: not a key the kaggle CLI reads (a typo? it would be ignored)"
         for key in sorted(set(meta) - KERNEL_KEYS)
     ]
-    kernel_slug = None
-    ref = meta.get("id")
-    if ref is None and meta.get("id_no") is None:
-        problems.append("id: missing ('owner/slug')")
-    elif ref is not None:
-        problem = _ref_problem(ref, min_slug=5)
-        if problem:
-            problems.append(f"id: {problem}")
-        else:
-            kernel_slug = ref.split("/")[1]
-    title = meta.get("title")
-    if not isinstance(title, str) or len(title) < 5:
-        problems.append(f"title: must be a string of at least 5 characters, got {title!r}")
-    elif kernel_slug is not None and slugify(title) != kernel_slug:
-        problems.append(
-            f"title: {title!r} slugs to {slugify(title)!r}, not to the id's slug "
-            f"{kernel_slug!r} (Kaggle names the kernel after the title)"
-        )
+    problems += _id_and_title_problems(meta)
     language = meta.get("language")
     if language != "python":
         problems.append(f"language: must be 'python', got {language!r}")
@@ -231,6 +214,29 @@ def _kernel_problems(meta: Mapping[str, Any], folder: Path) -> list[str]:
     if pinning is not None and pinning not in PINNING_TYPES:
         problems.append(
             f"docker_image_pinning_type: must be one of {list(PINNING_TYPES)}, got {pinning!r}"
+        )
+    return problems
+
+
+def _id_and_title_problems(meta: Mapping[str, Any]) -> list[str]:
+    """The kernel's id ('owner/slug', or an id_no) and a title that slugs to the id's slug."""
+    problems, kernel_slug = [], None
+    ref = meta.get("id")
+    if ref is None and meta.get("id_no") is None:
+        problems.append("id: missing ('owner/slug')")
+    elif ref is not None:
+        problem = _ref_problem(ref, min_slug=5)
+        if problem:
+            problems.append(f"id: {problem}")
+        else:
+            kernel_slug = ref.split("/")[1]
+    title = meta.get("title")
+    if not isinstance(title, str) or len(title) < 5:
+        problems.append(f"title: must be a string of at least 5 characters, got {title!r}")
+    elif kernel_slug is not None and slugify(title) != kernel_slug:
+        problems.append(
+            f"title: {title!r} slugs to {slugify(title)!r}, not to the id's slug "
+            f"{kernel_slug!r} (Kaggle names the kernel after the title)"
         )
     return problems
 

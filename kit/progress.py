@@ -53,7 +53,8 @@ def progress_bar(
 
 @contextlib.contextmanager
 def tile_bar(desc: str, progress: bool | None) -> Iterator[Callable[[int, int], None]]:
-    """A bar over one slide's tiles, driven by the ``on_progress`` callback of `kit.infer`.
+    """A bar over one slide's tiles, driven by the ``on_progress`` callback of `kit.infer`
+    (and by the tile cache of `kit.data`).
 
     Yields ``advance(done, total)``, which moves the bar to ``done`` of ``total`` tiles
     (``total`` the same at every call); the bar is closed (and, being an inner bar, cleared)

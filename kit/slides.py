@@ -34,7 +34,9 @@ import operator
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import rasterio
@@ -373,6 +375,15 @@ _DATA_TAGS = {273: "offsets", 279: "counts", 324: "offsets", 325: "counts"}
 _INT_TYPES = {3: "H", 4: "I", 16: "Q"}
 
 
+class _PageTableFormat(NamedTuple):
+    """How a TIFF lays out its page tables (IFDs): classic TIFF (42) or BigTIFF (43)."""
+
+    order: str  # "<" little-endian, ">" big-endian
+    count_fmt: str  # struct format of a table's entry count
+    entry_size: int  # bytes per entry
+    off_fmt: str  # struct format of an offset (and of an entry's value count)
+
+
 def _check_tiff_structure(path: Path) -> None:
     """Raise ValueError unless ``path`` is a TIFF whose pages and image data lie in the file.
 
@@ -389,47 +400,63 @@ def _check_tiff_structure(path: Path) -> None:
             fh.seek(offset)
             return fh.read(length)
 
-        head = fh.read(16)
-        order = {b"II": "<", b"MM": ">"}.get(head[:2])
-        version = struct.unpack(order + "H", head[2:4])[0] if order and len(head) >= 8 else None
-        if version == 42:
-            count_fmt, entry_size, off_fmt = "H", 12, "I"
-            offset = struct.unpack(order + "I", head[4:8])[0]
-        elif version == 43 and len(head) == 16:
-            count_fmt, entry_size, off_fmt = "Q", 20, "Q"
-            offset = struct.unpack(order + "Q", head[8:16])[0]
-        else:
-            raise ValueError(f"{path}: not a TIFF file (header {head[:4]!r})")
-        count_size, off_size = struct.calcsize(count_fmt), struct.calcsize(off_fmt)
+        fmt, offset = _tiff_header(fh.read(16), path)
+        count_size, off_size = struct.calcsize(fmt.count_fmt), struct.calcsize(fmt.off_fmt)
         seen: set[int] = set()
         while offset:
             if offset in seen:
                 raise ValueError(f"{path}: corrupt TIFF (page chain loops at offset {offset})")
             seen.add(offset)
-            (n_entries,) = struct.unpack(order + count_fmt, read_at(offset, count_size))
-            table = read_at(offset + count_size, n_entries * entry_size + off_size)
-            data: dict[str, np.ndarray] = {}
-            for i in range(n_entries):
-                entry = table[i * entry_size : (i + 1) * entry_size]
-                tag, typ = struct.unpack(order + "HH", entry[:4])
-                if tag not in _DATA_TAGS or typ not in _INT_TYPES:
-                    continue
-                (count,) = struct.unpack(order + off_fmt, entry[4 : 4 + off_size])
-                dtype = np.dtype(order + _INT_TYPES[typ])
-                raw = entry[4 + off_size :]
-                if count * dtype.itemsize > off_size:  # values stored elsewhere in the file
-                    (where,) = struct.unpack(order + off_fmt, raw)
-                    raw = read_at(where, count * dtype.itemsize)
-                values = np.frombuffer(raw[: count * dtype.itemsize], dtype).astype(np.uint64)
-                data[_DATA_TAGS[tag]] = values
-            if "offsets" in data and "counts" in data:
-                offsets, counts = data["offsets"], data["counts"]
-                n = min(len(offsets), len(counts))
-                # A zero byte count marks a block never written (GDAL reads it as empty).
-                ends = np.where(counts[:n] > 0, offsets[:n] + counts[:n], 0)
-                end = int(ends.max()) if n else 0
-                if end > size:
-                    raise ValueError(
-                        f"{path}: truncated TIFF (image data runs to byte {end}, file has {size})"
-                    )
-            (offset,) = struct.unpack(order + off_fmt, table[-off_size:])
+            (n_entries,) = struct.unpack(fmt.order + fmt.count_fmt, read_at(offset, count_size))
+            table = read_at(offset + count_size, n_entries * fmt.entry_size + off_size)
+            end = _image_data_end(table, n_entries, fmt, read_at)
+            if end > size:
+                raise ValueError(
+                    f"{path}: truncated TIFF (image data runs to byte {end}, file has {size})"
+                )
+            (offset,) = struct.unpack(fmt.order + fmt.off_fmt, table[-off_size:])
+
+
+def _tiff_header(head: bytes, path: Path) -> tuple[_PageTableFormat, int]:
+    """The page-table format of a TIFF from its first 16 bytes, and its first table's offset."""
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    version = struct.unpack(order + "H", head[2:4])[0] if order and len(head) >= 8 else None
+    if version == 42:
+        return _PageTableFormat(order, "H", 12, "I"), struct.unpack(order + "I", head[4:8])[0]
+    if version == 43 and len(head) == 16:
+        return _PageTableFormat(order, "Q", 20, "Q"), struct.unpack(order + "Q", head[8:16])[0]
+    raise ValueError(f"{path}: not a TIFF file (header {head[:4]!r})")
+
+
+def _image_data_end(
+    table: bytes, n_entries: int, fmt: _PageTableFormat, read_at: Callable[[int, int], bytes]
+) -> int:
+    """The byte where a page's image data ends: the furthest end of its written strips or tiles
+    (0 for a page without them).
+
+    Args:
+        table: the page's ``n_entries`` entries (and the next page's offset after them).
+        read_at: ``read_at(offset, length)`` reads the file, for values stored outside the table.
+    """
+    off_size = struct.calcsize(fmt.off_fmt)
+    data: dict[str, np.ndarray] = {}
+    for i in range(n_entries):
+        entry = table[i * fmt.entry_size : (i + 1) * fmt.entry_size]
+        tag, typ = struct.unpack(fmt.order + "HH", entry[:4])
+        if tag not in _DATA_TAGS or typ not in _INT_TYPES:
+            continue
+        (count,) = struct.unpack(fmt.order + fmt.off_fmt, entry[4 : 4 + off_size])
+        dtype = np.dtype(fmt.order + _INT_TYPES[typ])
+        raw = entry[4 + off_size :]
+        if count * dtype.itemsize > off_size:  # values stored elsewhere in the file
+            (where,) = struct.unpack(fmt.order + fmt.off_fmt, raw)
+            raw = read_at(where, count * dtype.itemsize)
+        values = np.frombuffer(raw[: count * dtype.itemsize], dtype).astype(np.uint64)
+        data[_DATA_TAGS[tag]] = values
+    if "offsets" not in data or "counts" not in data:
+        return 0
+    offsets, counts = data["offsets"], data["counts"]
+    n = min(len(offsets), len(counts))
+    # A zero byte count marks a block never written (GDAL reads it as empty).
+    ends = np.where(counts[:n] > 0, offsets[:n] + counts[:n], 0)
+    return int(ends.max()) if n else 0

@@ -85,7 +85,16 @@ def write_submission(
         with tile_bar(f"predict {slide_id} ({i}/{len(ids)})", progress) as advance:
             rle = predict_slide_rle(paths[slide_id], predictor, cfg, on_progress=advance)
         atomic.write_text(part, f"{key or '-'}\n{rle}\n", encoding="ascii", newline="")
-    # Assembled from the parts, so an interrupted and resumed run writes the same bytes.
+    _assemble(out_csv, ids, parts)
+    shutil.rmtree(parts, ignore_errors=True)
+    return out_csv
+
+
+def _assemble(out_csv: Path, ids: Sequence[str], parts: Path) -> None:
+    """Write ``out_csv`` atomically from the parts of ``ids``, in order.
+
+    Always from the parts, so an interrupted and resumed run writes the same bytes.
+    """
     with atomic.writer(out_csv, encoding="ascii", newline="") as fh:
         fh.write(HEADER + "\n")
         for slide_id in ids:
@@ -93,8 +102,6 @@ def write_submission(
             if rle is None:  # removed or damaged since it was written
                 raise FileNotFoundError(f"prediction of {slide_id} lost from {parts}; run again")
             fh.write(f"{slide_id},{rle}\n")
-    shutil.rmtree(parts, ignore_errors=True)
-    return out_csv
 
 
 def check_submission(csv: str | os.PathLike, data_dir: str | os.PathLike) -> None:

@@ -123,6 +123,11 @@ class Profile:
     dust: tuple[int, int] = (3, 12)  # range of the number of dust specks
     dust_radius: tuple[int, int] = (1, 5)
 
+    @property
+    def glomerulus_radius(self) -> tuple[float, float]:
+        """Range of a glomerulus's largest radius (half of ``glomerulus_diameter``)."""
+        return (self.glomerulus_diameter[0] / 2, self.glomerulus_diameter[1] / 2)
+
 
 MINI = Profile("mini", DEFAULT_SIZE, (70, 160), (11, 18), (30, 38))
 # Real scale (0.5 um/px): glomeruli 200-400 px across in a window of tissue cut from a slide.
@@ -578,7 +583,6 @@ def make_slide(
     tissue, medulla, tissue_low, medulla_low = _regions(
         (h, w), rng, rng.uniform(*p.tissue_fraction), rng.uniform(*p.medulla_fraction), f
     )
-    cortex_low = tissue_low & ~medulla_low
 
     canvas = _Canvas((h, w))
     canvas.pas[tissue] = 0.3  # interstitium
@@ -586,30 +590,9 @@ def make_slide(
 
     # Glomeruli live in the cortex; look-alikes anywhere in the tissue. Nothing overlaps.
     taken: list[tuple[float, float, float]] = []
-    cortex_area = float(cortex_low.sum()) * f * f
-    n_glom = int(round(cortex_area / 1e6 * rng.uniform(*p.glomeruli_per_mpx)))
-    radius = (p.glomerulus_diameter[0] / 2, p.glomerulus_diameter[1] / 2)
-    rings = []
-    for cx, cy, r in _place(rng, cortex_low, f, rng.uniform(*radius, n_glom), taken):
-        offsets = _blob(rng, r, aspect=1.35, wobble=0.02)
-        _draw_glomerulus(canvas, (cx, cy), offsets, rng, p)
-        rings.append(_ring((cx, cy), offsets))
-    if p.edge_cut:
-        n_cut = int(round(len(rings) * p.edge_cut))
-        rings += _edge_glomeruli(
-            canvas, rng, p, (tissue, medulla), (tissue_low, medulla_low), n_cut, taken
-        )
-
-    distractors = []
-    n_other = max(1, int(round(len(rings) * rng.uniform(*p.lookalikes))))
-    kinds = rng.choice(["vessel", "tubules", "blob"], n_other, p=[0.4, 0.3, 0.3])
-    draw = {"vessel": _draw_vessel, "tubules": _draw_tubule_cluster, "blob": _draw_dark_blob}
-    placed = _place(rng, tissue_low, f, rng.uniform(*radius, n_other), taken)
-    for kind, (cx, cy, r) in zip(kinds, placed, strict=False):
-        wobble = 0.05 if kind == "blob" else 0.02
-        offsets = _blob(rng, r, aspect=1.35, wobble=wobble)
-        draw[str(kind)](canvas, (cx, cy), offsets, rng, p)
-        distractors.append((str(kind), _ring((cx, cy), offsets)))
+    full, low = (tissue, medulla), (tissue_low, medulla_low)
+    rings = _draw_glomeruli(canvas, rng, p, full, low, taken, f)
+    distractors = _draw_lookalikes(canvas, rng, p, tissue_low, len(rings), taken, f)
 
     image = _compose(canvas, tissue, stain, rng, p)
     return SyntheticSlide(
@@ -619,6 +602,42 @@ def make_slide(
         medulla=_contours(medulla),
         distractors=distractors,
     )
+
+
+def _draw_glomeruli(canvas, rng, p, full, low, taken, f=8) -> list[np.ndarray]:
+    """The glomeruli, placed in the cortex (``low``: 1/f-scale tissue and medulla masks) and,
+    per the profile, cut by the tissue edge: drawn on ``canvas``, their rings returned and their
+    circles added to ``taken``."""
+    tissue_low, medulla_low = low
+    cortex_low = tissue_low & ~medulla_low
+    cortex_area = float(cortex_low.sum()) * f * f
+    n_glom = int(round(cortex_area / 1e6 * rng.uniform(*p.glomeruli_per_mpx)))
+    rings = []
+    for cx, cy, r in _place(rng, cortex_low, f, rng.uniform(*p.glomerulus_radius, n_glom), taken):
+        offsets = _blob(rng, r, aspect=1.35, wobble=0.02)
+        _draw_glomerulus(canvas, (cx, cy), offsets, rng, p)
+        rings.append(_ring((cx, cy), offsets))
+    if p.edge_cut:
+        n_cut = int(round(len(rings) * p.edge_cut))
+        rings += _edge_glomeruli(canvas, rng, p, full, low, n_cut, taken, f)
+    return rings
+
+
+def _draw_lookalikes(canvas, rng, p, tissue_low, n_glomeruli, taken, f=8):
+    """Look-alikes of glomeruli (vessels, tubule clusters, dark blobs) anywhere in the tissue,
+    the profile's share of ``n_glomeruli`` (at least one): drawn on ``canvas`` clear of
+    ``taken``; returns (kind, ring) per look-alike."""
+    distractors = []
+    n_other = max(1, int(round(n_glomeruli * rng.uniform(*p.lookalikes))))
+    kinds = rng.choice(["vessel", "tubules", "blob"], n_other, p=[0.4, 0.3, 0.3])
+    draw = {"vessel": _draw_vessel, "tubules": _draw_tubule_cluster, "blob": _draw_dark_blob}
+    placed = _place(rng, tissue_low, f, rng.uniform(*p.glomerulus_radius, n_other), taken)
+    for kind, (cx, cy, r) in zip(kinds, placed, strict=False):
+        wobble = 0.05 if kind == "blob" else 0.02
+        offsets = _blob(rng, r, aspect=1.35, wobble=wobble)
+        draw[str(kind)](canvas, (cx, cy), offsets, rng, p)
+        distractors.append((str(kind), _ring((cx, cy), offsets)))
+    return distractors
 
 
 def _compose(canvas, tissue, stain, rng, p: Profile = MINI):
@@ -913,29 +932,7 @@ def _build(folder: Path, slides, test_slides, size, seed, patients, p=MINI) -> N
             train_rows.append((plan.id, encode(slide.mask)))
         else:
             test_ids.append(plan.id)
-        cortex = slide.region_fraction("Cortex")
-        medulla = slide.region_fraction("Medulla")
-        pct_cortex = int(round(100 * cortex / max(cortex + medulla, 1e-9)))
-        info_rows.append(
-            (
-                f"{plan.id}.tiff",
-                size[1],
-                size[0],
-                f"{plan.id}-anatomical-structure.json",
-                glom_file,
-                person["patient_number"],
-                person["race"],
-                person["ethnicity"],
-                person["sex"],
-                person["age"],
-                person["weight_kilograms"],
-                person["height_centimeters"],
-                person["bmi_kg/m^2"],
-                str(slide_rng.choice(["Left", "Right"])),
-                pct_cortex,
-                100 - pct_cortex,
-            )
-        )
+        info_rows.append(_info_row(plan.id, slide, size, glom_file, person, slide_rng))
     _write_csv(folder / "train.csv", ("id", "encoding"), train_rows)
     _write_csv(folder / "sample_submission.csv", ("id", "predicted"), [(i, "") for i in test_ids])
     _write_csv(folder / "HuBMAP-20-dataset_information.csv", INFO_COLUMNS, info_rows)
@@ -946,6 +943,32 @@ def _build(folder: Path, slides, test_slides, size, seed, patients, p=MINI) -> N
         "layouts": {p.id: p.layout for p in plans},
     }
     _write_json(folder / MANIFEST_NAME, manifest)  # last: its presence means "complete"
+
+
+def _info_row(slide_id, slide, size, glom_file, person, rng) -> tuple:
+    """The slide's row of HuBMAP-20-dataset_information.csv (`INFO_COLUMNS`); draws the kidney
+    side from ``rng``."""
+    cortex = slide.region_fraction("Cortex")
+    medulla = slide.region_fraction("Medulla")
+    pct_cortex = int(round(100 * cortex / max(cortex + medulla, 1e-9)))
+    return (
+        f"{slide_id}.tiff",
+        size[1],
+        size[0],
+        f"{slide_id}-anatomical-structure.json",
+        glom_file,
+        person["patient_number"],
+        person["race"],
+        person["ethnicity"],
+        person["sex"],
+        person["age"],
+        person["weight_kilograms"],
+        person["height_centimeters"],
+        person["bmi_kg/m^2"],
+        str(rng.choice(["Left", "Right"])),
+        pct_cortex,
+        100 - pct_cortex,
+    )
 
 
 def _params(slides, test_slides, size, seed, patients, profile="mini"):
@@ -961,6 +984,8 @@ def _params(slides, test_slides, size, seed, patients, profile="mini"):
     return params
 
 
+# Over 50 lines for its docstring (every argument's range); the body reads best whole: check the
+# arguments, build in a folder beside ``out``, rename it into place.
 def make_dataset(
     out: str | os.PathLike,
     *,

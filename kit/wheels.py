@@ -164,26 +164,40 @@ def build_wheelhouse(
     log = log or (lambda line: None)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest))
     try:
-        built = [build_kit_wheel(staging, root)]
-        log(f"  {built[0].name} ({human_size(built[0])})")
-        for pin in pins:
-            built.append(download_wheel(pin, staging, target))
-            log(f"  {built[-1].name} ({human_size(built[-1])})")
-        unmet = unmet_dependencies(built, target)
-        if unmet:
-            raise WheelError(
-                "the wheelhouse would not install offline (add these to wheels/requirements.txt, "
-                "or to kit.wheels.KAGGLE_IMAGE if the image has them):\n  " + "\n  ".join(unmet)
-            )
-        names = {path.name for path in built}
-        for old in dest.glob("*.whl"):
-            if old.name not in names:
-                old.unlink()
-        for path in built:
-            os.replace(path, dest / path.name)
+        built = _fetch_wheels(staging, root, pins, target, log)
+        _replace_wheels(dest, built)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [dest / path.name for path in built]
+
+
+def _fetch_wheels(
+    staging: Path, root: Path, pins: list[Pin], target: str, log: Callable[[str], None]
+) -> list[Path]:
+    """The kit's wheel and one of each pin, in ``staging``; raises WheelError unless together
+    they install offline."""
+    built = [build_kit_wheel(staging, root)]
+    log(f"  {built[0].name} ({human_size(built[0])})")
+    for pin in pins:
+        built.append(download_wheel(pin, staging, target))
+        log(f"  {built[-1].name} ({human_size(built[-1])})")
+    unmet = unmet_dependencies(built, target)
+    if unmet:
+        raise WheelError(
+            "the wheelhouse would not install offline (add these to wheels/requirements.txt, "
+            "or to kit.wheels.KAGGLE_IMAGE if the image has them):\n  " + "\n  ".join(unmet)
+        )
+    return built
+
+
+def _replace_wheels(dest: Path, built: list[Path]) -> None:
+    """Make ``built`` exactly the wheels in ``dest``: others are deleted, these moved in."""
+    names = {path.name for path in built}
+    for old in dest.glob("*.whl"):
+        if old.name not in names:
+            old.unlink()
+    for path in built:
+        os.replace(path, dest / path.name)
 
 
 def build_kit_wheel(dest: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:

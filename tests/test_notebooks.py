@@ -4,6 +4,7 @@ Pairs are compared by content, never by timestamps (a fresh clone scrambles thos
 notebooks is `pytest --nbmake notebooks/` (see the Makefile).
 """
 
+import ast
 import os
 import re
 import shutil
@@ -40,6 +41,31 @@ def test_ipynb_is_committed_without_outputs(name):
         if cell.cell_type == "code":
             assert not cell.outputs, f"{name}.ipynb cell {i} has outputs"
             assert cell.execution_count is None, f"{name}.ipynb cell {i} has an execution count"
+
+
+def device_literals(source: str) -> list[str]:
+    """The string constants in ``source`` that name a device ("cpu", "cuda", "cuda:1" ...)."""
+    return [
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and re.fullmatch(r"cpu|cuda(:\d+)?|mps", node.value)
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebooks_leave_the_device_to_the_kit(name):
+    """No notebook picks a device itself (`cfg.device or "cpu"` evaluated on the CPU beside a
+    GPU): the device is `kit.device.default_device()` or the model's."""
+    cells = jupytext.read(NOTEBOOKS / f"{name}.py").cells
+    found = [c.source for c in cells if c.cell_type == "code" and device_literals(c.source)]
+    assert found == [], f"{name}.py names a device: {found}"
+
+
+def test_device_literals_catch_a_hard_coded_device():
+    assert device_literals('model.to(cfg.device or "cpu")') == ["cpu"]
+    assert device_literals('x.to("cuda:1"); print("cpu time")') == ["cuda:1"]
 
 
 def test_pairing_is_declared():

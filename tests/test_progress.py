@@ -1,4 +1,8 @@
-"""Progress: a bar per slide over its tiles, named for the slide; quiet when off or in a log."""
+"""Progress: a bar per slide over its tiles, named for the slide; quiet when off or in a log.
+
+Every loop over a slide's tiles has one: predict, evaluate (also the whole-slide validation of
+training) and the tile cache.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from kit.data import DataConfig, build_tile_cache
 from kit.evaluate import evaluate_slides
 from kit.infer import InferConfig, iter_probability_strips
 from kit.progress import show_progress
@@ -17,6 +22,8 @@ from kit.submit import write_submission
 from kit.tiling import plan
 
 CFG = InferConfig(window=64, overlap=16, scale=2, tissue=True)
+# The same grid for the tile cache, every window kept: its bar counts the plan's tiles too.
+DATA_CFG = DataConfig(window=64, overlap=16, scale=2, tissue_share=1.0, background_share=1.0)
 SHAPE = (200, 400)
 TILES = plan(SHAPE, CFG.window, CFG.overlap, align=CFG.scale)
 COLUMNS = len({t.cx0 for t in TILES})  # column strips of the plan
@@ -48,24 +55,31 @@ def data_dir(tmp_path, write_tiff):
     return root
 
 
+ENTRIES = {"predict": "(1/1)", "evaluate": "(1/1)", "tiles": ""}  # entry -> after the slide id
+
+
 def run(entry: str, data_dir, **progress) -> None:
-    """`python -m kit predict` or `evaluate` on ``data_dir``, through the public functions."""
+    """`python -m kit predict`, `evaluate` or the tile cache of `train` on ``data_dir``,
+    through the public functions."""
     if entry == "predict":
         write_submission(data_dir, zeros, data_dir / "sub.csv", CFG, **progress)
-    else:
+    elif entry == "evaluate":
         evaluate_slides(data_dir, zeros, cfg=CFG, thresholds=(), **progress)
+    else:
+        build_tile_cache(data_dir, SLIDE_ID, DATA_CFG, data_dir / "cache", **progress)
 
 
-@pytest.mark.parametrize("entry", ["predict", "evaluate"])
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_bar_names_the_slide_and_counts_every_tile_of_the_plan(data_dir, capfd, entry):
     run(entry, data_dir, progress=True)
     err = capfd.readouterr().err
-    assert f"{entry} {SLIDE_ID} (1/1)" in err
+    assert f"{entry} {SLIDE_ID} {ENTRIES[entry]}".strip() + ":" in err
     # Tiles of glass are skipped, never predicted, and still counted: the bar reaches the plan.
+    # The finished count is drawn even when the tiles take less than tqdm's redraw interval.
     assert f"{len(TILES)}/{len(TILES)}" in err
 
 
-@pytest.mark.parametrize("entry", ["predict", "evaluate"])
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("progress", [{"progress": False}, {}], ids=["off", "default"])
 def test_no_bar_when_off_or_by_default_when_stderr_is_not_a_terminal(
     data_dir, capfd, monkeypatch, entry, progress

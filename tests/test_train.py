@@ -229,6 +229,24 @@ def test_fit_writes_a_run_folder_and_refuses_another_config(dataset, tmp_path):
     assert [int(r["epoch"]) for r in read_history(run)] == [1]
 
 
+def test_progress_shows_the_tile_cache_and_the_whole_slide_validation_per_slide(
+    dataset, tmp_path, capfd, monkeypatch
+):
+    """Bars over the tiles of each slide, named for it, for the tile cache and the held-out
+    whole-slide Dice; none by default when stderr is a log (not a terminal, not Jupyter)."""
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    ids = Competition(dataset).train_ids
+    cfg = parse(tiny_args(dataset, tmp_path / "quiet", tmp_path / "c1", epochs=1))
+    fit(replace(cfg, progress=None))
+    assert capfd.readouterr().err == ""
+
+    fit(replace(cfg, out=str(tmp_path / "shown"), cache_dir=str(tmp_path / "c2"), progress=True))
+    err = capfd.readouterr().err
+    assert f"evaluate {ids[0]} (1/1):" in err  # the held-out slide, validated whole
+    for slide_id in ids:
+        assert f"tiles {slide_id}:" in err
+
+
 @pytest.mark.slow
 def test_quick_preset_finds_glomeruli_on_a_held_out_slide(tmp_path):
     """Training learns: on a slide it never saw, the quick preset's whole-slide Dice is far above
