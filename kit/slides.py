@@ -249,7 +249,7 @@ class Slide:
                 planes[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = block
         return planes if scale == 1 else _block_mean(planes, scale, self.fill, axis=1)
 
-    def thumbnail(self, scale: int) -> np.ndarray:
+    def thumbnail(self, scale: int, chunk_pixels: int = _THUMB_CHUNK_PIXELS) -> np.ndarray:
         """An approximate downscaled picture of the whole slide, for tissue detection and plots.
 
         If the file has overviews (reduced-resolution pages), a decimated read (GDAL average
@@ -260,10 +260,17 @@ class Slide:
         decimated read would decode every block too, more slowly, and several times over when
         the blocks of a chunk do not fit its block cache (``GDAL_CACHE_BYTES``).
 
+        Args:
+            scale: the downscale factor (integer >= 1).
+            chunk_pixels: about how many full-resolution pixels a chunk reads (the memory it
+                takes; the result does not depend on it).
+
         Returns:
             uint8 (ceil(H / scale), ceil(W / scale), 3) RGB.
         """
         scale = _check_scale(scale)
+        if isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, int) or chunk_pixels < 1:
+            raise ValueError(f"chunk_pixels must be an int >= 1, got {chunk_pixels!r}")
         self._check_open()
         height, width = self.shape
         out_shape = (len(self._bands), -(-height // scale), -(-width // scale))
@@ -273,8 +280,8 @@ class Slide:
             )
             return np.ascontiguousarray(thumb.transpose(1, 2, 0))
         block_h, block_w = self._datasets[0].block_shapes[0]
-        step_w = _chunk_step(block_w, width, scale, _THUMB_CHUNK_PIXELS // min(block_h, height))
-        step_h = _chunk_step(block_h, height, scale, _THUMB_CHUNK_PIXELS // step_w)
+        step_w = _chunk_step(block_w, width, scale, chunk_pixels // min(block_h, height))
+        step_h = _chunk_step(block_h, height, scale, chunk_pixels // step_w)
         thumb = np.empty((out_shape[1], out_shape[2], 3), np.uint8)
         for y in range(0, height, step_h):
             for x in range(0, width, step_w):

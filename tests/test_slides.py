@@ -321,27 +321,44 @@ def test_thumbnail_of_awkward_size_is_close(tmp_path, write_tiff):
 @pytest.mark.parametrize("tile", [(64, 48), None])
 @pytest.mark.parametrize("chunk_pixels", [1, 5000, 2**22])
 def test_thumbnail_without_overviews_is_the_exact_read_in_any_chunking(
-    tmp_path, write_tiff, rgb, monkeypatch, layout, tile, chunk_pixels
+    tmp_path, write_tiff, rgb, layout, tile, chunk_pixels
 ):
     # Chunks of one block (or one strip), of a few blocks and the whole slide: chunk edges at
     # multiples of the scale make the thumbnail read(full, scale) exactly, RGBA alpha ignored.
     path, expected = write_layout(write_tiff, tmp_path / "t.tiff", rgb, layout, tile=tile)
-    monkeypatch.setattr(slides, "_THUMB_CHUNK_PIXELS", chunk_pixels)
     with Slide(path, fill=255) as slide:
         for scale in (3, 16, 64, 600):
             np.testing.assert_array_equal(
-                slide.thumbnail(scale), reference_downscale(expected, scale, 255), f"{scale}"
+                slide.thumbnail(scale, chunk_pixels),
+                reference_downscale(expected, scale, 255),
+                f"{scale}",
             )
 
 
-@pytest.mark.parametrize("block, n, scale", [(64, 517, 3), (16, 301, 64), (517, 517, 4)])
-@pytest.mark.parametrize("budget", [1, 100, 10**6])
-def test_thumbnail_chunks_align_to_scale_and_blocks(block, n, scale, budget):
-    step = slides._chunk_step(block, n, scale, budget)
-    assert 1 <= step and (step == n or step % scale == 0)
-    if block < n and np.lcm(block, scale) <= 4096:
-        assert step % block == 0  # every block decoded by one chunk only
-    assert step < n + np.lcm(block, scale)  # about the budget, never past the axis by a unit
+@pytest.mark.parametrize(("tile", "scale"), [((64, 48), 3), ((16, 16), 64), (None, 4)])
+@pytest.mark.parametrize("budget", [1, 5000, 10**6])
+def test_thumbnail_chunks_decode_each_block_once(tmp_path, write_tiff, rgb, tile, scale, budget):
+    # Every chunk starts on a multiple of the scale and, where the file's blocks allow, on a
+    # block edge: no block (or strip) is split between two chunks, so each is decoded once.
+    path = write_tiff(tmp_path / "t.tiff", rgb, tile=tile, rowsperstrip=16)
+    reads = []
+
+    class RecordingSlide(Slide):
+        def read_planes(self, rows, cols, scale=1):
+            reads.append((rows.start, rows.stop, cols.start, cols.stop))
+            return super().read_planes(rows, cols, scale)
+
+    with RecordingSlide(path) as slide:
+        slide.thumbnail(scale, chunk_pixels=budget)
+        block_h, block_w = slide.block_shape
+    hits = np.zeros((H, W), np.int64)
+    for y0, y1, x0, x1 in reads:
+        hits[y0:y1, x0:x1] += 1
+        for start, block, n in ((y0, block_h, H), (x0, block_w, W)):
+            assert start % scale == 0
+            if block < n and np.lcm(block, scale) <= 4096:
+                assert start % block == 0
+    assert (hits == 1).all()
 
 
 def test_reads_run_with_gdal_cache_capped_and_restore_it(tmp_path, write_tiff, rgb):
