@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,27 +123,6 @@ def load_model(
     except RuntimeError as err:
         raise ValueError(f"{path}: model_state does not fit {ckpt['model_name']} ({err})") from err
     return model.to(device or default_device()).eval(), ckpt
-
-
-def find_checkpoint(roots: Iterable[str | os.PathLike]) -> Path | None:
-    """The one model under ``roots`` (e.g. the attached inputs); None when there is none.
-
-    A model is a folder holding ``best.pt`` (or only ``last.pt``): a run folder or a model
-    dataset from ``python -m kit export``. Nothing is guessed: with several models under the
-    roots, the caller must name one.
-
-    Raises:
-        ValueError: more than one model was found; the message lists them.
-    """
-    found: dict[Path, Path] = {}
-    for root in map(Path, roots):
-        for name in ("last.pt", "best.pt"):  # best.pt replaces last.pt in the same folder
-            for path in sorted(root.glob(f"**/{name}")) if root.is_dir() else ():
-                found[path.parent] = path
-    if len(found) > 1:
-        listed = "\n  ".join(str(p) for p in sorted(found.values()))
-        raise ValueError(f"{len(found)} models found, name the one to use:\n  {listed}")
-    return next(iter(found.values()), None)
 
 
 def _check_checkpoint(ckpt: Any, path: Path) -> None:

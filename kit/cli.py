@@ -136,21 +136,23 @@ def _describe_dataset(path: Path) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """The model, and the inference options: the checkpoint's, then the command line's."""
-    from kit.checkpoint import load_model
-    from kit.infer import config_from_checkpoint
+    """The predictor (a model, or an ensemble of several) and its inference settings: the
+    checkpoints', the manifest's, then the command line's (`kit.ensemble.load_predictor`)."""
+    from kit.ensemble import describe, load_predictor
 
-    model, ckpt = load_model(args.weights, device=getattr(args, "device", None))  # None: default
     given = {k: v for k, v in vars(args).items() if k in InferConfig.__dataclass_fields__}
-    return model, config_from_checkpoint(ckpt, **given)
+    loaded = load_predictor(args.weights, **given)  # device None: the default device
+    print(describe(loaded))
+    return loaded
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from kit.checkpoint import fingerprint
     from kit.submit import check_submission, write_submission
 
-    model, cfg = _load(args)
-    out = write_submission(args.data, model, args.out, cfg, fingerprint=fingerprint(args.weights))
+    loaded = _load(args)
+    out = write_submission(
+        args.data, loaded.predictor, args.out, loaded.cfg, fingerprint=loaded.fingerprint
+    )
     check_submission(out, args.data)
     print(f"submission: {out}")
 
@@ -158,8 +160,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from kit.evaluate import evaluate_slides, format_report
 
-    model, cfg = _load(args)
-    table = evaluate_slides(args.data, model, args.slides, cfg)
+    loaded = _load(args)
+    table = evaluate_slides(args.data, loaded.predictor, args.slides, loaded.cfg)
     print(format_report(table))
 
 
@@ -262,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", type=Path, required=True, help="competition folder")
-        p.add_argument("--weights", type=Path, required=True, help="a kit checkpoint (best.pt)")
+        p.add_argument(
+            "--weights", type=Path, nargs="+", required=True, metavar="W",
+            help="kit checkpoints (.pt), run folders, a cv folder (every fold) or a folder with "
+            "ensemble.json; several make an ensemble",
+        )  # fmt: skip
         # The window, scale and tissue rule are the checkpoint's.
         add_config_arguments(p, InferConfig, taken=set(), skip=SHARED_FIELDS)
         if name == "predict":

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,14 +53,16 @@ from torch import nn
 
 from kit.config import option
 from kit.device import amp_dtype
-from kit.merge import UPSAMPLE_MODES, StripMerger
+from kit.merge import UPSAMPLE_MODES, StripMerger, upsample
 from kit.rle import RleEncoder
-from kit.slides import Slide
+from kit.slides import Slide, downscale
 from kit.tiling import MIN_TISSUE, TISSUE_SATURATION
 from kit.windows import Splitter, read_ahead
 
 __all__ = [
+    "Ensemble",
     "InferConfig",
+    "Member",
     "Probabilities",
     "iter_mask_strips",
     "iter_probability_strips",
@@ -263,6 +266,11 @@ def _strips(
     on_progress: OnProgress | None,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """Splitter -> predictor -> merger: strips of probabilities, or of the mask (threshold)."""
+    align = cfg.scale
+    if isinstance(predictor, Ensemble):  # windows come at the finest member's scale
+        cfg, align = dataclasses.replace(cfg, scale=predictor.scale), predictor.align
+        if cfg.window % align:
+            raise ValueError(f"window {cfg.window} is not a multiple of member scale {align}")
     step = Probabilities(predictor, device=cfg.device, tta=cfg.tta, amp=cfg.amp)
     with _opened(source) as slide, _eval_mode(predictor):
         splitter = Splitter(
@@ -271,6 +279,7 @@ def _strips(
             cfg.overlap,
             cfg.scale,
             cfg.batch_size,
+            align=align,
             tissue=cfg.tissue,
             tissue_saturation=cfg.tissue_saturation,
             min_tissue=cfg.min_tissue,
@@ -315,44 +324,123 @@ def _opened(source: SlideSource) -> Iterator[Slide]:
 # The predictor
 
 
-class Probabilities:
-    """The predictor step: uint8 windows -> float32 probabilities, on the predictor's device.
+@dataclass(frozen=True)
+class Member:
+    """One model of an `Ensemble`: its predictor, the scale it sees windows at, its weight."""
+
+    predictor: Predictor  # float (N, 3, h, w) RGB in [0, 1] -> logits (N, 1, h, w)
+    scale: int  # the downscale factor it was trained at
+    weight: float = 1.0
+
+
+class Ensemble:
+    """Several predictors as one: the weighted mean of their probabilities, thresholded once.
+
+    Each member sees the window at its own scale (block means of the finest member's pixels)
+    and its probabilities are upsampled (bilinear) to the finest scale, where they are averaged;
+    the merger takes them to full resolution from there. Members may be different architectures
+    and scales; flip TTA applies to each member. An ensemble of one member predicts exactly what
+    that member does alone.
 
     Args:
-        predictor: float (N, 3, h, w) RGB in [0, 1] -> logits (N, 1, h, w).
-        device: where the windows go; None: the predictor's parameters' device, else the CPU.
+        members: the `Member` s; scales must all divide the largest one.
+        fingerprint: identifies the members' weights (resuming a submission); see
+            `kit.ensemble.load_ensemble`, which sets it.
+
+    Attributes:
+        scale: the finest member's scale: windows are read at it (it replaces ``cfg.scale``).
+        align: window starts are multiples of it (the largest member scale), so every member's
+            blocks line up with the whole slide's.
+    """
+
+    def __init__(self, members: Sequence[Member], fingerprint: str | None = None) -> None:
+        members = tuple(members)
+        if not members or not all(isinstance(m, Member) for m in members):
+            raise ValueError(f"an ensemble needs one or more Member, got {members!r}")
+        for m in members:
+            if not callable(m.predictor):
+                raise ValueError(f"member predictor must be callable, got {m.predictor!r}")
+            if isinstance(m.scale, bool) or not isinstance(m.scale, int) or m.scale < 1:
+                raise ValueError(f"member scale must be an integer >= 1, got {m.scale!r}")
+            if not (
+                isinstance(m.weight, (int, float)) and math.isfinite(m.weight) and m.weight > 0
+            ):
+                raise ValueError(f"member weight must be a finite number > 0, got {m.weight!r}")
+        self.members = members
+        self.scale = min(m.scale for m in members)
+        self.align = max(m.scale for m in members)
+        if any(self.align % m.scale for m in members):
+            scales = sorted({m.scale for m in members})
+            raise ValueError(f"member scales {scales} must all divide the largest, {self.align}")
+        self.fingerprint = fingerprint
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{type(m.predictor).__name__}@{m.scale}x{m.weight:g}" for m in self.members
+        )
+        return f"Ensemble({parts})"
+
+
+class Probabilities:
+    """The predictor step: uint8 windows -> float32 probabilities, on the predictors' devices.
+
+    Args:
+        predictor: float (N, 3, h, w) RGB in [0, 1] -> logits (N, 1, h, w); or an `Ensemble`.
+        device: where the windows go; None: each predictor's parameters' device, else the CPU.
         tta: average the probabilities over identity, hflip, vflip and hvflip (un-flipped). The
-            four views go through the predictor as one batch of 4N.
+            four views go through a predictor as one batch of 4N.
         amp: CUDA autocast (`kit.device.amp_dtype`); None: on when the device is CUDA.
 
     Windows travel as uint8 (a quarter of float32's bytes; pinned on CUDA, so the copy is
-    asynchronous) and become float on the device. The logits come back in one copy per batch;
-    the sigmoid and the flip mean run on the CPU in float64 (see the module's exactness note).
+    asynchronous) and become float on the device. The logits come back in one copy per batch
+    and member; the sigmoid and the means run on the CPU in float64 (see the module's
+    exactness note), rounded to float32 once.
     """
 
     def __init__(
         self,
-        predictor: Predictor,
+        predictor: Predictor | Ensemble,
         device: str | torch.device | None = None,
         tta: bool = False,
         amp: bool | None = None,
     ) -> None:
-        self.predictor = predictor
-        self.device = _resolve_device(predictor, device)
+        ensemble = (
+            predictor if isinstance(predictor, Ensemble) else Ensemble([Member(predictor, 1)])
+        )
+        total = sum(m.weight for m in ensemble.members)
+        # (predictor, its device, factor below the finest scale, normalised weight)
+        self.members = [
+            (m.predictor, _resolve_device(m.predictor, device), m.scale // ensemble.scale,
+             m.weight / total)
+            for m in ensemble.members
+        ]  # fmt: skip
         self.flips = _FLIPS if tta else _FLIPS[:1]
-        self.amp = self.device.type == "cuda" and amp is not False
+        self.amp = amp
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """uint8 (N, 3, h, w) RGB -> float32 (N, h, w) probabilities."""
+        if len(self.members) == 1 and self.members[0][2] == 1:
+            return self._member(*self.members[0][:2], windows).astype(np.float32)
+        total = np.zeros((windows.shape[0], *windows.shape[2:]), np.float64)
+        for predictor, device, factor, weight in self.members:
+            seen = windows if factor == 1 else _downscale_batch(windows, factor)
+            p = self._member(predictor, device, seen).astype(np.float32)
+            # float64 products: a Python float times a float32 array stays float32 in numpy 2
+            total += np.float64(weight) * (p if factor == 1 else upsample(p, factor))
+        return total.astype(np.float32)
+
+    def _member(self, predictor: Predictor, device: torch.device, windows) -> np.ndarray:
+        """One predictor's probabilities of uint8 windows: float64 (N, h, w), flips averaged."""
         x = torch.from_numpy(windows)
-        if self.device.type == "cuda":
+        if device.type == "cuda":
             x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).float().div_(255)
+        x = x.to(device, non_blocking=True).float().div_(255)
         views = torch.cat([x.flip(dims) if dims else x for dims in self.flips])
+        amp = device.type == "cuda" and self.amp is not False
         # Grad and autocast modes are thread-wide: entered per call, never held across the
         # caller's yield, so the consumer's code runs in its own modes.
-        with torch.no_grad(), _autocast(self.device, self.amp):
-            logits = self.predictor(views)
+        with torch.no_grad(), _autocast(device, amp):
+            logits = predictor(views)
         expected = (views.shape[0], 1, *views.shape[2:])
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
@@ -366,7 +454,12 @@ class Probabilities:
         for k, dims in enumerate(self.flips):
             view = p[k * n : (k + 1) * n]
             total += np.flip(view, dims) if dims else view
-        return (total / len(self.flips)).astype(np.float32)[:, 0]
+        return (total / len(self.flips))[:, 0]
+
+
+def _downscale_batch(windows: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 (N, 3, h, w) -> (N, 3, h / factor, w / factor) block means (`kit.slides.downscale`)."""
+    return np.stack([downscale(w.transpose(1, 2, 0), factor).transpose(2, 0, 1) for w in windows])
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -381,7 +474,7 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_callables(predictor, on_progress) -> None:
-    if not callable(predictor):
+    if not callable(predictor) and not isinstance(predictor, Ensemble):
         raise ValueError(f"predictor must be callable, got {type(predictor).__name__}")
     if on_progress is not None and not callable(on_progress):
         raise ValueError(f"on_progress must be callable or None, got {on_progress!r}")
@@ -414,13 +507,16 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @contextlib.contextmanager
-def _eval_mode(predictor: Predictor):
-    """Put a module in eval mode for the prediction, restoring its mode afterwards."""
-    if not isinstance(predictor, nn.Module) or not predictor.training:
-        yield
-        return
-    predictor.eval()
+def _eval_mode(predictor: Predictor | Ensemble):
+    """Put modules (an ensemble's too) in eval mode for the prediction, restoring their modes."""
+    members = predictor.members if isinstance(predictor, Ensemble) else [Member(predictor, 1)]
+    training = [
+        m.predictor for m in members if isinstance(m.predictor, nn.Module) and m.predictor.training
+    ]
+    for module in training:
+        module.eval()
     try:
         yield
     finally:
-        predictor.train()
+        for module in training:
+            module.train()

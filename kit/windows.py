@@ -62,6 +62,7 @@ class Splitter:
         scale: downscale factor; windows come out ``window // scale`` px a side.
         batch_size: windows per batch (the last one may hold fewer).
         tissue: leave out tiles whose core shows no tissue.
+        align: window starts are multiples of it (default ``scale``; a multiple of it).
         tissue_saturation, min_tissue: the tissue rule's settings (`kit.tiling.has_tissue`).
         max_band_bytes: the most the band may hold when a striped file is read whole.
 
@@ -77,6 +78,7 @@ class Splitter:
         scale: int,
         batch_size: int,
         *,
+        align: int | None = None,
         tissue: bool = True,
         tissue_saturation: int = TISSUE_SATURATION,
         min_tissue: float = MIN_TISSUE,
@@ -86,7 +88,10 @@ class Splitter:
         self.shape = slide.shape
         self.scale, self.batch_size = scale, batch_size
         self.tissue, self.saturation, self.min_tissue = tissue, tissue_saturation, min_tissue
-        self.columns = column_strips(plan(self.shape, window, overlap, align=scale))
+        align = scale if align is None else align
+        if align % scale:
+            raise ValueError(f"align {align} is not a multiple of scale {scale}")
+        self.columns = column_strips(plan(self.shape, window, overlap, align=align))
         rows, cols = self.columns[-1][-1].y1, self.columns[-1][-1].x1  # the plan's extent
         striped = slide.block_shape[1] >= self.shape[1] > window
         self.whole = striped and 3 * (rows // scale) * (cols // scale) <= max_band_bytes

@@ -49,11 +49,10 @@ importlib.import_module("kit.env").check_imports()
 import pandas as pd
 
 from kit import eda, plots
-from kit.checkpoint import find_checkpoint, fingerprint, load_model
 from kit.competition import Competition
 from kit.device import default_device
+from kit.ensemble import describe, find_model, load_predictor
 from kit.env import KAGGLE_INPUT, environment
-from kit.infer import config_from_checkpoint
 from kit.slides import Slide
 from kit.submit import check_submission, write_submission
 from kit.train import fit, preset
@@ -63,9 +62,11 @@ from kit.train import fit, preset
 
 # %%
 env = environment()
-WEIGHTS = None  # a kit checkpoint file; None: the one model attached under the inputs
+# A kit checkpoint, a run or cross-validation folder, or a model dataset from `kit export`
+# (an ensemble.json with its members); None: the one model attached under the inputs.
+WEIGHTS = None
 TTA = not env.synthetic  # flip test-time augmentation: 4x the compute, usually +0.002-0.005 Dice
-THRESHOLD = None  # None: the threshold the model was trained and validated with
+THRESHOLD = None  # None: the ensemble's out-of-fold threshold, else the model's validated one
 DEVICE = default_device()  # cuda when there is a GPU, else cpu
 OUT = env.out_dir / "submission.csv"
 FIGURES = env.out_dir / "figures" / "03_submission"
@@ -77,7 +78,7 @@ print(f"running on {env.kind} ({DEVICE}); data: {env.data_dir} ({env.data_source
 # %%
 # Exactly the model named, or the one attached: several attached models are an error that
 # lists them (set WEIGHTS). On the synthetic dataset, notebook 02's model, else a quick one.
-weights = Path(WEIGHTS) if WEIGHTS else find_checkpoint([KAGGLE_INPUT])
+weights = Path(WEIGHTS) if WEIGHTS else find_model([KAGGLE_INPUT])
 notebook_02 = env.out_dir / "02_train" / "best.pt"
 if weights is None and env.synthetic and notebook_02.is_file():
     weights = notebook_02
@@ -90,17 +91,16 @@ elif weights is None:
         f"no model under {KAGGLE_INPUT}: attach the model dataset made by `python -m kit "
         "export`, or set WEIGHTS to a kit checkpoint"
     )
-model, checkpoint = load_model(weights, device=DEVICE)
-cfg = config_from_checkpoint(checkpoint, tta=TTA, threshold=THRESHOLD, device=DEVICE)
-print(f"weights: {weights} ({checkpoint['model_name']}, epoch {checkpoint['epoch']})")
-print(f"validation metrics: {checkpoint['metrics']}")
+model = load_predictor([weights], device=DEVICE, tta=TTA, threshold=THRESHOLD)
+print(describe(model))
+cfg = model.cfg
 cfg
 
 # %% [markdown]
 # ## Predict every listed slide and write `submission.csv`
 
 # %%
-write_submission(env.data_dir, model, OUT, cfg, fingerprint=fingerprint(weights))
+write_submission(env.data_dir, model.predictor, OUT, cfg, fingerprint=model.fingerprint)
 check_submission(OUT, env.data_dir)  # header, ids and order, every RLE valid for its slide
 submission = pd.read_csv(OUT, dtype=str, keep_default_na=False)
 submission.assign(predicted=submission["predicted"].str.slice(0, 60))

@@ -1,4 +1,4 @@
-"""kit.checkpoint: the format, save/read, load_model, find_checkpoint, fingerprint."""
+"""kit.checkpoint: the format, save/read, load_model, fingerprint."""
 
 import dataclasses
 import os
@@ -11,7 +11,6 @@ import torch
 from kit.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_dict,
-    find_checkpoint,
     load_model,
     save_checkpoint,
 )
@@ -156,19 +155,3 @@ def test_fingerprint_follows_the_bytes(tmp_path):
     assert len(fingerprint(a)) == 16
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         fingerprint(tmp_path / "missing.pt")
-
-
-def test_find_checkpoint_takes_the_one_model_and_never_guesses(tmp_path):
-    assert find_checkpoint([tmp_path / "absent", tmp_path]) is None
-    run = tmp_path / "input" / "my-model"
-    run.mkdir(parents=True)
-    (run / "last.pt").write_bytes(b"x")
-    assert find_checkpoint([tmp_path / "input"]) == run / "last.pt"
-    (run / "best.pt").write_bytes(b"x")  # a run folder: its best.pt is the model
-    assert find_checkpoint([tmp_path / "input"]) == run / "best.pt"
-    other = tmp_path / "input" / "old-run" / "nested"
-    other.mkdir(parents=True)
-    (other / "best.pt").write_bytes(b"x")
-    with pytest.raises(ValueError, match="2 models found") as caught:
-        find_checkpoint([tmp_path / "input"])
-    assert str(run / "best.pt") in str(caught.value) and str(other / "best.pt") in str(caught.value)
