@@ -135,26 +135,44 @@ def _describe_dataset(path: Path) -> None:
     print(f"  test slides ({len(comp.test_ids)}): {' '.join(comp.test_ids)}")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device=None):
     """The predictor (a model, or an ensemble of several) and its inference settings: the
     checkpoints', the manifest's, then the command line's (`kit.ensemble.load_predictor`)."""
     from kit.ensemble import describe, load_predictor
 
     given = {k: v for k, v in vars(args).items() if k in InferConfig.__dataclass_fields__}
-    loaded = load_predictor(args.weights, **given)  # device None: the default device
+    given["device"] = device or given.get("device")  # None: the default device
+    loaded = load_predictor(args.weights, **given)
     print(describe(loaded))
     return loaded
 
 
 def _predict(args: argparse.Namespace) -> None:
+    """Under torchrun the processes share the slides (one GPU each) and rank 0 writes the CSV;
+    a gloo group only for the final barrier, which waits without spinning a core."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from kit.device import rank_device, torchrun_place
     from kit.submit import check_submission, write_submission
 
-    loaded = _load(args)
-    out = write_submission(
-        args.data, loaded.predictor, args.out, loaded.cfg, fingerprint=loaded.fingerprint
-    )
-    check_submission(out, args.data)
-    print(f"submission: {out}")
+    rank, world, local = torchrun_place()
+    device = rank_device(args.device, local, world) if world > 1 else None
+    if world > 1:
+        dist.init_process_group("gloo", timeout=timedelta(hours=9))  # Kaggle's session limit
+    try:
+        loaded = _load(args, device)
+        out = write_submission(
+            args.data, loaded.predictor, args.out, loaded.cfg, fingerprint=loaded.fingerprint,
+            rank=rank, world=world, barrier=dist.barrier if world > 1 else None,
+        )  # fmt: skip
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        check_submission(out, args.data)
+        print(f"submission: {out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

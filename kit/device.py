@@ -10,9 +10,19 @@ emulated bf16 in one and fp16 in the other.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["amp_dtype", "check_gpu", "default_device", "has_kernels", "native_bf16", "rank_device"]
+__all__ = [
+    "amp_dtype",
+    "check_gpu",
+    "default_device",
+    "has_kernels",
+    "native_bf16",
+    "rank_device",
+    "torchrun_place",
+]
 
 
 def default_device() -> torch.device:
@@ -101,6 +111,15 @@ def amp_dtype(
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if native_bf16(capability) else torch.float16
+
+
+def torchrun_place() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process from torchrun's environment variables
+    (RANK, WORLD_SIZE, LOCAL_RANK); (0, 1, 0) when it runs alone."""
+    return tuple(int(os.environ.get(name, default)) for name, default in _PLACE)  # type: ignore
+
+
+_PLACE = (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))
 
 
 def rank_device(

@@ -10,6 +10,11 @@ set replaces ``test/`` at scoring time: ids are never hard-coded). Each slide is
 the TIFF; a run that was interrupted (a 9-hour Kaggle limit, a crash) resumes where it stopped
 and writes the same bytes. The CSV is assembled from the parts into a temporary file and renamed
 into place, then the sidecar is removed: a failed run leaves the previous file untouched.
+
+Several processes (``torchrun --nproc_per_node 2 -m kit predict ...``, one per GPU) share the
+slides: each predicts its own (`share_slides`: largest TIFFs first, each to the least loaded
+process) into the same parts folder, and rank 0 assembles the CSV once every part is there, so
+the file is byte-identical to a single process's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +38,7 @@ from kit.progress import tile_bar
 from kit.rle import parse
 from kit.slides import Slide
 
-__all__ = ["check_submission", "read_ids", "write_submission"]
+__all__ = ["check_submission", "read_ids", "share_slides", "write_submission"]
 
 HEADER = "id,predicted"
 # Config fields that cannot change a prediction: left out of the resume fingerprint.
@@ -48,6 +53,9 @@ def write_submission(
     *,
     progress: bool | None = None,
     fingerprint: str | None = None,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> Path:
     """Predict every slide listed in ``data_dir/sample_submission.csv`` and write the CSV.
 
@@ -61,9 +69,14 @@ def write_submission(
         fingerprint: what identifies the predictor's weights for resuming (e.g. a checkpoint's
             hash). Default: the predictor's ``fingerprint`` attribute, else for a module a hash
             of its parameters and buffers. Other callables without one are not resumed.
+        rank, world: this process's place among ``world`` processes sharing the slides
+            (torchrun's RANK and WORLD_SIZE); rank 0 writes the CSV.
+        barrier: with ``world > 1``, waits for every process (e.g. ``torch.distributed.barrier``
+            of a gloo group: it blocks without spinning a core), called once all of this
+            process's slides are written.
 
     Returns:
-        ``out_csv`` as a Path.
+        ``out_csv`` as a Path (with ``world > 1``: written by rank 0 once every process is done).
 
     Raises:
         FileNotFoundError: sample_submission.csv or a listed slide is missing (all missing ids
@@ -75,19 +88,41 @@ def write_submission(
     ids = read_ids(data_dir)
     paths = Competition(data_dir).slide_paths(ids)
     identity = _predictor_identity(predictor, fingerprint)
+    if world > 1 and barrier is None:
+        raise ValueError(f"world {world}: several processes need a barrier to meet at")
+    mine = share_slides([paths[i] for i in ids], world)[rank] if world > 1 else range(len(ids))
     # Created by the first finished slide: a run that finishes none leaves nothing to resume.
     parts = out_csv.with_name(out_csv.name + ".parts")
-    for i, slide_id in enumerate(ids, 1):
+    for n, k in enumerate(mine, 1):
+        slide_id = ids[k]
         key = _slide_key(identity, cfg, paths[slide_id]) if identity is not None else None
         part = parts / f"{slide_id}.rle"
         if key is not None and _read_part(part, key) is not None:
             continue  # finished by an earlier, interrupted run
-        with tile_bar(f"predict {slide_id} ({i}/{len(ids)})", progress) as advance:
+        label = f"predict {slide_id} ({n}/{len(mine)}" + (f", rank {rank})" if world > 1 else ")")
+        with tile_bar(label, progress) as advance:
             rle = predict_slide_rle(paths[slide_id], predictor, cfg, on_progress=advance)
         atomic.write_text(part, f"{key or '-'}\n{rle}\n", encoding="ascii", newline="")
+    if world > 1:
+        barrier()
+        if rank != 0:
+            return out_csv
     _assemble(out_csv, ids, parts)
     shutil.rmtree(parts, ignore_errors=True)
     return out_csv
+
+
+def share_slides(paths: Sequence[Path], world: int) -> list[list[int]]:
+    """Indices of ``paths`` per process: the largest files first, each to the process with the
+    fewest bytes so far (ties: the lowest rank); each list in ascending order."""
+    sizes = [Path(p).stat().st_size for p in paths]
+    load = [0] * world
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for k in sorted(range(len(paths)), key=lambda k: (-sizes[k], k)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(k)
+        load[r] += sizes[k]
+    return [sorted(share) for share in shares]
 
 
 def _assemble(out_csv: Path, ids: Sequence[str], parts: Path) -> None:

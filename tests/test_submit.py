@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from kit.checkpoint import checkpoint_dict, save_checkpoint
 from kit.infer import InferConfig, predict_slide
+from kit.model import build_model
 from kit.rle import encode
-from kit.submit import check_submission, read_ids, write_submission
+from kit.submit import check_submission, read_ids, share_slides, write_submission
+
+REPO = Path(__file__).resolve().parents[1]
 
 CFG = InferConfig(window=64, overlap=16, scale=2, tissue=False)
 IDS = ["d4f1e2", "0a9b3c", "77c0de"]  # deliberately not sorted
@@ -201,3 +210,48 @@ def test_read_ids_rejects_repeats(data_dir):
     (data_dir / "sample_submission.csv").write_text("id,predicted\na,\nb,\na,\n")
     with pytest.raises(ValueError, match="repeated id"):
         read_ids(data_dir)
+
+
+def test_share_slides_balances_bytes_and_covers_every_slide(tmp_path):
+    paths = []
+    for k, size in enumerate([50, 400, 10, 300, 120]):
+        paths.append(tmp_path / f"{k}.tiff")
+        paths[-1].write_bytes(b"x" * size)
+    # largest first, each to the lighter process: 400 | 300, 120 -> 420 | 50 -> 450 | 10 -> 430
+    assert share_slides(paths, 2) == [[0, 1], [2, 3, 4]]
+    assert share_slides(paths, 1) == [[0, 1, 2, 3, 4]]
+    assert share_slides(paths[:1], 3) == [[0], [], []]
+
+
+def test_several_processes_need_a_barrier(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="barrier"):
+        write_submission(data_dir, pointwise, tmp_path / "s.csv", CFG, rank=0, world=2)
+
+
+@pytest.mark.slow
+def test_torchrun_predict_writes_the_single_process_csv_byte_for_byte(data_dir, tmp_path):
+    # Two gloo processes on the CPU share the three slides; rank 0 assembles the CSV.
+    torch.manual_seed(3)
+    model = build_model("lraspp_mobilenet_v3_large")
+    config = {"infer": {"window": 64, "scale": 2, "overlap": 16, "threshold": 0.5}}
+    weights = save_checkpoint(tmp_path / "m" / "best.pt", checkpoint_dict(model, config, 1, {}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["-m", "kit", "predict", "--data", str(data_dir), "--weights", str(weights),
+            "--no-tissue", "--device", "cpu", "--threshold", "0.4985"]  # fmt: skip
+    # (the untrained model's probabilities lie within 0.4980-0.4990: about half the pixels)
+    single = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one.csv")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stdout + single.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *args, "--out", str(tmp_path / "two.csv")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = (tmp_path / "one.csv").read_bytes(), (tmp_path / "two.csv").read_bytes()
+    assert one == two
+    rows = one.decode().splitlines()
+    assert len(rows) == 1 + len(IDS) and any(row.split(",")[1] for row in rows[1:])
+    assert not (tmp_path / "two.csv.parts").exists()
