@@ -124,14 +124,21 @@ class Competition:
         return read_polygons(self.polygons_path(slide_id))
 
     def anatomy(self, slide_id: str) -> dict[str, list[Polygon]]:
-        """Region name ("Cortex", "Medulla", ...) -> polygons; {} when the file is absent."""
-        path = self.root / "train" / f"{slide_id}-anatomical-structure.json"
+        """Region name ("Cortex", "Medulla", ...) -> polygons; {} when the file is absent.
+
+        The file lies next to the slide: ``train/`` or ``test/{id}-anatomical-structure.json``.
+        """
+        path = self._tiff(slide_id).with_name(f"{slide_id}-anatomical-structure.json")
         if not path.is_file():
             return {}
         regions: dict[str, list[Polygon]] = {}
         for name, polygon in _features(path):
             regions.setdefault(name, []).append(polygon)
         return regions
+
+    def cortex(self, slide_id: str) -> list[Polygon] | None:
+        """The slide's Cortex polygons; None when it has no anatomy file or no Cortex in it."""
+        return self.anatomy(slide_id).get("Cortex") or None
 
 
 def read_polygons(path: str | os.PathLike) -> list[Polygon]:

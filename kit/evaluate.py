@@ -78,14 +78,16 @@ def evaluate_slides(
         raise ValueError(f"repeated id(s): {', '.join(repeated)}")
     paths = comp.slide_paths(ids)
     truth = {i: comp.truth(i) for i in ids}
+    keep = {i: comp.cortex(i) if cfg.cortex_only else None for i in ids}
 
     extra = list(dict.fromkeys(float(t) for t in thresholds))
     rows = []
     for i, slide_id in enumerate(ids, 1):
         with tile_bar(f"evaluate {slide_id} ({i}/{len(ids)})", progress) as advance:
             row = _score_slide(
-                paths[slide_id], truth[slide_id], predictor, cfg, extra, keep_rle, advance
-            )
+                paths[slide_id], truth[slide_id], predictor, cfg, extra, keep_rle, advance,
+                keep[slide_id],
+            )  # fmt: skip
         rows.append({"id": slide_id, **row})
     return pd.DataFrame(rows, columns=_columns(extra) + (["rle"] if keep_rle else []))
 
@@ -130,6 +132,7 @@ def _score_slide(
     thresholds: Sequence[float],
     keep_rle: bool,
     on_progress: OnProgress | None,
+    keep: list | None = None,
 ) -> dict:
     """One slide's row of `evaluate_slides` (without its id): the slide is opened once, and its
     probability strips go to two sinks, a threshold sweep and (``keep_rle``) an RLE encoder."""
@@ -142,7 +145,8 @@ def _score_slide(
             raise ValueError(f"train.csv encoding of {path.stem} (shape {shape}): {e}") from e
         sweep = ThresholdSweep(sorted({*thresholds, float(cfg.threshold)}))
         encoder = RleEncoder(shape[0]) if keep_rle else None
-        for cols, probs in iter_probability_strips(slide, predictor, cfg, on_progress=on_progress):
+        strips = iter_probability_strips(slide, predictor, cfg, on_progress=on_progress, keep=keep)
+        for cols, probs in strips:
             sweep.update(probs, decode_columns(runs, shape, cols))
             if encoder is not None:
                 encoder.add(probs > cfg.threshold)

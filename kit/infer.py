@@ -51,9 +51,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from kit.competition import Polygon
 from kit.config import option
 from kit.device import amp_dtype
 from kit.merge import UPSAMPLE_MODES, StripMerger, upsample
+from kit.polygons import rasterize
 from kit.rle import RleEncoder
 from kit.slides import Slide, downscale
 from kit.tiling import MIN_TISSUE, TISSUE_SATURATION
@@ -99,6 +101,9 @@ class InferConfig:
     upsample: str = option("bilinear", "bilinear (align_corners=False) or nearest")
     batch_size: int = option(8, "windows per batch (with tta the predictor sees 4x as many)")
     tissue: bool = option(True, "tiles whose core shows no tissue are 0, never predicted")
+    # The 2nd place's post-processing; the polygons come from the competition folder
+    # (kit.submit / kit.evaluate ask kit.competition), a slide without them is left as it is.
+    cortex_only: bool = option(False, "zero predictions outside the slide's Cortex polygons")
     tissue_saturation: int = option(TISSUE_SATURATION, "HSV saturation (0..255) of tissue")
     # As DataConfig.min_tissue, whose "tissue" negatives are the tiles inference predicts.
     min_tissue: float = option(MIN_TISSUE, "tiles whose core's tissue fraction is <= this skip")
@@ -147,15 +152,16 @@ def resolve_config(cfg: InferConfig | None = None, **overrides) -> InferConfig:
 def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
     """The inference settings a kit checkpoint was trained and validated with.
 
-    Takes ``window``, ``scale``, ``overlap``, ``threshold``, ``tta`` and ``min_tissue`` (the
-    tissue rule its negatives were chosen by) from the checkpoint's ``config``: its ``infer``
-    section (kit.train.TrainConfig), or the flat fields of checkpoints written before it had
+    Takes ``window``, ``scale``, ``overlap``, ``threshold``, ``tta``, ``cortex_only`` and
+    ``min_tissue`` (the tissue rule its negatives were chosen by) from the checkpoint's
+    ``config``: its ``infer`` section (kit.train.TrainConfig), or the flat fields of
+    checkpoints written before it had
     sections. Missing ones keep `InferConfig`'s defaults; then ``overrides`` apply, an override
     of None ignored, so command-line options can be passed through as they are.
     """
     trained = checkpoint.get("config") or {}
     trained = trained.get("infer", trained)  # flat: the overlap, threshold... of inference
-    names = ("window", "scale", "overlap", "threshold", "tta", "min_tissue")
+    names = ("window", "scale", "overlap", "threshold", "tta", "min_tissue", "cortex_only")
     base = {name: trained[name] for name in names if trained.get(name) is not None}
     given = {name: value for name, value in overrides.items() if value is not None}
     return resolve_config(InferConfig(**base), **given)
@@ -171,6 +177,7 @@ def predict_slide(
     cfg: InferConfig | None = None,
     *,
     on_progress: OnProgress | None = None,
+    keep: Sequence[Polygon] | None = None,
     **overrides,
 ) -> np.ndarray:
     """Binary mask of a whole slide.
@@ -181,6 +188,8 @@ def predict_slide(
         cfg: an `InferConfig`; ``overrides`` replace its fields (``scale=2, tta=True``).
         on_progress: called with (tiles done, tiles in the plan), tiles skipped as
             tissue-free counting as done: with 0 first, then after each column strip.
+        keep: polygons (`kit.polygons.rasterize` input, e.g. the Cortex regions) outside which
+            every prediction is 0; applied strip by strip (no full-size mask). None: keep all.
 
     Returns:
         uint8 (H, W) of 0/1: probability > ``cfg.threshold``.
@@ -188,7 +197,9 @@ def predict_slide(
     cfg = resolve_config(cfg, **overrides)
     with _opened(source) as slide:
         mask = np.zeros(slide.shape, np.uint8)
-        for cols, strip in iter_mask_strips(slide, predictor, cfg, on_progress=on_progress):
+        for cols, strip in iter_mask_strips(
+            slide, predictor, cfg, on_progress=on_progress, keep=keep
+        ):
             mask[:, cols] = strip
     return mask
 
@@ -199,6 +210,7 @@ def predict_slide_rle(
     cfg: InferConfig | None = None,
     *,
     on_progress: OnProgress | None = None,
+    keep: Sequence[Polygon] | None = None,
     **overrides,
 ) -> str:
     """The competition RLE of a slide's mask, encoded strip by strip (no full-size mask).
@@ -210,7 +222,7 @@ def predict_slide_rle(
     cfg = resolve_config(cfg, **overrides)
     with _opened(source) as slide:
         encoder = RleEncoder(slide.shape[0])
-        for _, strip in iter_mask_strips(slide, predictor, cfg, on_progress=on_progress):
+        for _, strip in iter_mask_strips(slide, predictor, cfg, on_progress=on_progress, keep=keep):
             encoder.add(strip)
     return encoder.finish()
 
@@ -221,6 +233,7 @@ def iter_probability_strips(
     cfg: InferConfig | None = None,
     *,
     on_progress: OnProgress | None = None,
+    keep: Sequence[Polygon] | None = None,
     **overrides,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """Yield the slide's probabilities column strip by column strip, left to right.
@@ -237,7 +250,7 @@ def iter_probability_strips(
     """
     cfg = resolve_config(cfg, **overrides)
     _check_callables(predictor, on_progress)
-    return _strips(source, predictor, cfg, None, on_progress)
+    return _strips(source, predictor, cfg, None, on_progress, keep)
 
 
 def iter_mask_strips(
@@ -246,6 +259,7 @@ def iter_mask_strips(
     cfg: InferConfig | None = None,
     *,
     on_progress: OnProgress | None = None,
+    keep: Sequence[Polygon] | None = None,
     **overrides,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """As `iter_probability_strips`, thresholded: uint8 (H, w) strips of 0/1.
@@ -255,7 +269,7 @@ def iter_mask_strips(
     """
     cfg = resolve_config(cfg, **overrides)
     _check_callables(predictor, on_progress)
-    return _strips(source, predictor, cfg, cfg.threshold, on_progress)
+    return _strips(source, predictor, cfg, cfg.threshold, on_progress, keep)
 
 
 def _strips(
@@ -264,8 +278,10 @@ def _strips(
     cfg: InferConfig,
     threshold: float | None,
     on_progress: OnProgress | None,
+    keep: Sequence[Polygon] | None = None,
 ) -> Iterator[tuple[slice, np.ndarray]]:
-    """Splitter -> predictor -> merger: strips of probabilities, or of the mask (threshold)."""
+    """Splitter -> predictor -> merger: strips of probabilities, or of the mask (threshold),
+    zeroed outside ``keep``."""
     align = cfg.scale
     if isinstance(predictor, Ensemble):  # windows come at the finest member's scale
         cfg, align = dataclasses.replace(cfg, scale=predictor.scale), predictor.align
@@ -296,12 +312,20 @@ def _strips(
             for tiles, probs in predicted:
                 for tile, p in zip(tiles, probs, strict=True):
                     for strip in merger.add(tile, p):
-                        yield _reported(strip, merger, on_progress)
+                        yield _reported(_kept(strip, keep, slide.shape), merger, on_progress)
             for strip in merger.finish():
-                yield _reported(strip, merger, on_progress)
+                yield _reported(_kept(strip, keep, slide.shape), merger, on_progress)
         finally:  # stop the threads (predictor first) before the slide closes
             predicted.close()
             batches.close()
+
+
+def _kept(strip, keep: Sequence[Polygon] | None, shape: tuple[int, int]):
+    """The strip zeroed outside the ``keep`` polygons (rasterised for its columns only)."""
+    if keep is not None:
+        cols, values = strip
+        values *= rasterize(keep, shape, cols).astype(values.dtype, copy=False)
+    return strip
 
 
 def _reported(strip, merger: StripMerger, on_progress: OnProgress | None):

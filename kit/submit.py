@@ -85,8 +85,9 @@ def write_submission(
     """
     cfg = resolve_config(cfg)
     data_dir, out_csv = Path(data_dir), Path(out_csv)
-    ids = read_ids(data_dir)
-    paths = Competition(data_dir).slide_paths(ids)
+    comp = Competition(data_dir)
+    ids = comp.test_ids
+    paths = comp.slide_paths(ids)
     identity = _predictor_identity(predictor, fingerprint)
     if world > 1 and barrier is None:
         raise ValueError(f"world {world}: several processes need a barrier to meet at")
@@ -101,7 +102,8 @@ def write_submission(
             continue  # finished by an earlier, interrupted run
         label = f"predict {slide_id} ({n}/{len(mine)}" + (f", rank {rank})" if world > 1 else ")")
         with tile_bar(label, progress) as advance:
-            rle = predict_slide_rle(paths[slide_id], predictor, cfg, on_progress=advance)
+            keep = comp.cortex(slide_id) if cfg.cortex_only else None
+            rle = predict_slide_rle(paths[slide_id], predictor, cfg, on_progress=advance, keep=keep)
         atomic.write_text(part, f"{key or '-'}\n{rle}\n", encoding="ascii", newline="")
     if world > 1:
         barrier()

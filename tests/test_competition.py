@@ -82,7 +82,12 @@ def test_polygons_with_holes_and_anatomy(tmp_path):
     doc = {"type": "FeatureCollection", "features": [_feature([outer], "Cortex")]}
     (tmp_path / "train" / "b-anatomical-structure.json").write_text(json.dumps(doc))
     assert list(comp.anatomy("b")) == ["Cortex"]
-    assert comp.anatomy("a") == {}
+    assert comp.anatomy("a") == {} and comp.cortex("a") is None
+    np.testing.assert_array_equal(comp.cortex("b")[0][0], np.array(outer, dtype=float))
+    # a test slide's anatomy file lies next to it, in test/
+    medulla = {"type": "FeatureCollection", "features": [_feature([outer], "Medulla")]}
+    (tmp_path / "test" / "z-anatomical-structure.json").write_text(json.dumps(medulla))
+    assert list(comp.anatomy("z")) == ["Medulla"] and comp.cortex("z") is None
     (tmp_path / "bad.json").write_text('{"features": [{"geometry": 3}]}')
     with pytest.raises(ValueError, match="bad.json: not a GeoJSON"):
         read_polygons(tmp_path / "bad.json")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -127,3 +130,19 @@ def test_keep_rle_returns_the_submission_path_mask(data_dir):
         assert kept == predict_slide_rle(path, pointwise, CFG)
         assert kept != ""  # the pointwise predictor marks something on these slides
     assert "rle" not in evaluate_slides(data_dir, pointwise, ["b2"], CFG, progress=False).columns
+
+
+def test_cortex_only_scores_the_prediction_inside_the_cortex(data_dir):
+    h, w = SHAPES["b2"]
+    cortex = [[[0, 0], [w // 2, 0], [w // 2, h], [0, h]]]  # the left half
+    feature = {"type": "Feature", "properties": {"classification": {"name": "Cortex"}},
+               "geometry": {"type": "Polygon", "coordinates": cortex}}  # fmt: skip
+    (data_dir / "train" / "b2-anatomical-structure.json").write_text(json.dumps([feature]))
+    cfg = dataclasses.replace(CFG, cortex_only=True)
+    scores = evaluate_slides(data_dir, pointwise, ["b2"], cfg, thresholds=(), progress=False)
+    probs = whole_slide_probs(data_dir / "train" / "b2.tiff")
+    probs[:, w // 2 :] = 0
+    truth = pd.read_csv(data_dir / "train.csv", keep_default_na=False).set_index("id")
+    mask = decode(truth.loc["b2", "encoding"], SHAPES["b2"])
+    assert scores.loc[0, "pred_px"] == (probs > 0.5).sum() > 0
+    assert scores.loc[0, "dice"] == pytest.approx(dice(probs > 0.5, mask))

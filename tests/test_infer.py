@@ -22,6 +22,7 @@ from kit.infer import (
     sigmoid,
 )
 from kit.merge import StripMerger, upsample
+from kit.polygons import rasterize
 from kit.rle import encode
 from kit.slides import Slide, downscale
 from kit.tiling import has_tissue, plan, tissue_fraction, tissue_mask
@@ -483,3 +484,22 @@ def test_merger_hands_on_strips_in_order_and_fills_skipped_columns():
     (cols, strip), *rest = list(merger.finish())
     assert not rest and cols == last.core[1] and merger.done == merger.total == len(tiles)
     assert strip[last.core[0]].all() and not strip[last.cy1 :].any()
+
+
+def test_keep_zeroes_everything_outside_the_polygons_strip_by_strip(tmp_path, write_tiff):
+    image = smooth_image((150, 260), seed=9)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window=64, overlap=16, scale=2, tissue=False)
+    # a triangle with a square hole, across several column strips
+    outer = np.array([[10.0, 5.0], [250.0, 20.0], [40.0, 140.0]])
+    hole = np.array([[60.0, 40.0], [90.0, 40.0], [90.0, 70.0], [60.0, 70.0]])
+    inside = rasterize([[outer, hole]], image.shape[:2])
+    assert 0 < inside.sum() < inside.size
+    mask = predict_slide(path, pointwise, cfg)
+    assert (mask * (1 - inside)).any()  # the filter has something to remove
+    kept = predict_slide(path, pointwise, cfg, keep=[[outer, hole]])
+    np.testing.assert_array_equal(kept, mask * inside)
+    probs = collect(iter_probability_strips(path, pointwise, cfg), image.shape[:2], np.float32)
+    kept_probs = iter_probability_strips(path, pointwise, cfg, keep=[[outer, hole]])
+    np.testing.assert_array_equal(collect(kept_probs, image.shape[:2], np.float32), probs * inside)
+    assert predict_slide_rle(path, pointwise, cfg, keep=[[outer, hole]]) == encode(kept)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -255,3 +257,31 @@ def test_torchrun_predict_writes_the_single_process_csv_byte_for_byte(data_dir, 
     rows = one.decode().splitlines()
     assert len(rows) == 1 + len(IDS) and any(row.split(",")[1] for row in rows[1:])
     assert not (tmp_path / "two.csv.parts").exists()
+
+
+def test_cortex_only_zeroes_predictions_outside_the_cortex_polygons(data_dir, tmp_path):
+    # d4f1e2 has a Cortex polygon (its left half); 77c0de has an anatomy file with no Cortex
+    # and 0a9b3c none at all: both are left as they are.
+    cortex = [[[0, 0], [45, 0], [45, 70], [0, 70]]]
+    features = [
+        {
+            "type": "Feature",
+            "properties": {"classification": {"name": name}},
+            "geometry": {"type": "Polygon", "coordinates": cortex},
+        }
+        for name in ("Cortex",)
+    ]
+    (data_dir / "test" / "d4f1e2-anatomical-structure.json").write_text(json.dumps(features))
+    medulla = [{**features[0], "properties": {"classification": {"name": "Medulla"}}}]
+    (data_dir / "test" / "77c0de-anatomical-structure.json").write_text(json.dumps(medulla))
+    cfg = dataclasses.replace(CFG, cortex_only=True)
+    out = write_submission(data_dir, pointwise, tmp_path / "s.csv", cfg, progress=False)
+    rows = dict(line.split(",") for line in out.read_text().splitlines()[1:])
+    full = predict_slide(data_dir / "test" / "d4f1e2.tiff", pointwise, CFG)
+    assert full[:, 45:].any() and full[:, :45].any()
+    left = full.copy()
+    left[:, 45:] = 0
+    assert rows["d4f1e2"] == encode(left)
+    assert rows["77c0de"] == encode(
+        predict_slide(data_dir / "test" / "77c0de.tiff", pointwise, CFG)
+    )
