@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kit.losses import BCEDiceLoss, bce_dice_loss, soft_dice_loss, soft_dice_score
+from kit.losses import BCEDiceLoss, bce_dice_loss, lovasz_hinge, soft_dice_loss, soft_dice_score
 
 BIG = 30.0  # sigmoid(30) == 1 and sigmoid(-30) ~ 1e-13 in float32
 
@@ -110,3 +110,28 @@ def test_bad_inputs_raise():
         BCEDiceLoss(dice_weight=-0.1)
     with pytest.raises(ValueError, match="differ"):
         soft_dice_score(torch.zeros(4), torch.zeros(5))
+
+
+def test_lovasz_hinge_hand_computed():
+    # errors 1 - logit * sign = [-1, 0, 1.5, 4]; sorted by error the labels are [1, 0, 0, 1],
+    # Jaccard losses [1/2, 2/3, 3/4, 1], gradient [1/2, 1/6, 1/12, 1/4]: 4/2 + 1.5/6 = 2.25
+    logits = torch.tensor([[[[2.0, -1.0, 0.5, -3.0]]], [[[5.0, -5.0, 5.0, -5.0]]]])
+    target = torch.tensor([[[[1, 0, 0, 1]]], [[[1, 0, 1, 0]]]])
+    assert lovasz_hinge(logits[:1], target[:1]).item() == pytest.approx(2.25)
+    assert lovasz_hinge(logits[1:], target[1:]).item() == 0.0  # all right by a margin
+    assert lovasz_hinge(logits, target).item() == pytest.approx(1.125)  # mean of the images
+    # as one image of 8 pixels: 4 * (1 - 3/4) + 1.5 * ((1 - 3/5) - (1 - 3/4)) = 1.225
+    assert lovasz_hinge(logits, target, per_image=False).item() == pytest.approx(1.225)
+
+
+def test_lovasz_weight_adds_the_hinge_to_bce_dice():
+    logits = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    target = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    base = BCEDiceLoss()(logits, target)
+    both = BCEDiceLoss(lovasz_weight=0.5)(logits, target)
+    assert both.item() == pytest.approx(base.item() + 0.5 * lovasz_hinge(logits, target).item())
+    logits.requires_grad_(True)
+    BCEDiceLoss(lovasz_weight=1.0)(logits, target).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="lovasz=-1"):
+        BCEDiceLoss(lovasz_weight=-1)
