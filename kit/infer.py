@@ -66,6 +66,7 @@ __all__ = [
     "InferConfig",
     "Member",
     "Probabilities",
+    "config_from_checkpoint",
     "iter_mask_strips",
     "iter_probability_strips",
     "predict_slide",
