@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import kit.evaluate
-from kit.checkpoint import load_model, read_checkpoint
+from kit import kaggle
+from kit.checkpoint import export_model, load_model, read_checkpoint
 from kit.cli import build_parser, config_from_args, main
 from kit.competition import Competition
 from kit.cv import OOF, fold_dir, run_cv
@@ -170,6 +173,39 @@ def test_the_threshold_maximises_the_mean_oof_dice_and_the_ensemble_uses_it(cv):
     loaded = load_predictor([out], device="cpu")
     assert isinstance(loaded.predictor, Ensemble) and len(loaded.predictor.members) == 2
     assert loaded.cfg.threshold == best
+
+
+def test_export_of_a_cv_folder_holds_every_member_and_the_manifest(cv, tmp_path):
+    out, _, _ = cv
+    dataset = tmp_path / "model"
+    status, printed = run(["export", "--run", str(out), "--out", str(dataset), "--user", "alice"])
+    assert status == 0, printed
+    assert sorted(p.name for p in dataset.iterdir()) == [
+        kaggle.DATASET_METADATA, MANIFEST, "fold0.pt", "fold1.pt"
+    ]  # fmt: skip
+    assert kaggle.validate_dataset_metadata(dataset / kaggle.DATASET_METADATA) == []
+    exported = json.loads((dataset / MANIFEST).read_text())
+    original = json.loads((out / MANIFEST).read_text())
+    assert exported == {
+        **original,
+        "members": [{"path": "fold0.pt", "weight": 1.0}, {"path": "fold1.pt", "weight": 1.0}],
+    }
+    loaded = load_predictor([dataset], device="cpu")
+    assert isinstance(loaded.predictor, Ensemble) and len(loaded.predictor.members) == 2
+    assert loaded.cfg.threshold == original["threshold"]
+    for k, member in enumerate(loaded.predictor.members):
+        saved = read_checkpoint(fold_dir(out, k) / "best.pt")["model_state"]
+        for key, value in member.predictor.state_dict().items():
+            assert torch.equal(value.cpu(), saved[key]), key
+    with pytest.raises(ValueError, match="which='last' does not apply"):
+        export_model(out, tmp_path / "last", which="last", user="alice")
+
+
+def test_keep_training_state_copies_each_member_whole(cv, tmp_path):
+    out, _, _ = cv
+    dataset = export_model(out, tmp_path / "model", user="alice", keep_training_state=True)
+    for k in (0, 1):
+        assert (dataset / f"fold{k}.pt").read_bytes() == (fold_dir(out, k) / "best.pt").read_bytes()
 
 
 def test_bad_input_is_one_clear_line_before_any_training(dataset, tmp_path):
