@@ -325,7 +325,10 @@ def _add_kaggle_commands(sub) -> None:
 
     p = sub.add_parser("export", help="write a model dataset (checkpoint + dataset-metadata.json)")
     # --run lands in args.run_dir: args.run is the command's handler.
-    p.add_argument("--run", dest="run_dir", metavar="RUN", type=Path, required=True)
+    p.add_argument(
+        "--run", dest="run_dir", metavar="RUN", type=Path, required=True,
+        help="a run folder, or a folder with ensemble.json (kit cv's: every fold is exported)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the model dataset folder")
     p.add_argument("--which", choices=tuple(checkpoint.CHECKPOINTS), default="best")
     p.add_argument("--slug", default=kaggle.MODEL_SLUG, help="dataset URL slug (6-50 characters)")
