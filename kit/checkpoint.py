@@ -202,11 +202,16 @@ def export_model(
 ) -> Path:
     """Write a model dataset: a run's checkpoint, config.json, history.csv + dataset metadata.
 
+    From a folder holding ``ensemble.json`` (a cross-validation folder of ``kit cv``, or a
+    previous export of one) the dataset holds every member instead, each named for its run
+    folder (``fold0/best.pt`` -> ``fold0.pt``), and the manifest rewritten to name them.
+
     Args:
-        run: a kit.train run folder (best.pt, last.pt, config.json, history.csv).
+        run: a kit.train run folder (best.pt, last.pt, config.json, history.csv), or a folder
+            holding ensemble.json.
         out: the dataset folder to write; an existing one must be empty or a previous export
             (it is replaced as a whole).
-        which: "best" (best held-out Dice) or "last".
+        which: "best" (best held-out Dice) or "last"; a manifest names its members: "best" only.
         user: the Kaggle owner (default: kaggle-user.txt under `root`).
         slug, title: the dataset's URL slug (6-50 characters) and title (6-50 characters).
         keep_training_state: keep optimizer/scheduler/scaler state (only resuming needs them).
@@ -215,28 +220,67 @@ def export_model(
         `out`, assembled in a hidden folder next to it and renamed into place.
 
     Raises:
-        FileNotFoundError: no run folder or no such checkpoint.
-        ValueError: the checkpoint is not a kit checkpoint loadable with ``weights_only=True``,
-            or the metadata would be rejected by Kaggle (the message lists why).
+        FileNotFoundError: no run folder, no such checkpoint, or a member of the manifest.
+        ValueError: a checkpoint is not a kit checkpoint loadable with ``weights_only=True``,
+            the manifest is invalid, or the metadata would be rejected by Kaggle (the message
+            lists why).
         FileExistsError: `out` holds something other than a previous export.
     """
+    from kit.ensemble import write_manifest  # imported here: kit.ensemble builds on this module
+
     run, out = Path(run), Path(out)
-    source = _run_checkpoint(run, which)
-    ckpt = read_checkpoint(source)
+    members, manifest = _export_members(run, which)
+    checkpoints = [read_checkpoint(source) for source, _, _ in members]
     user = validate_user(user) if user is not None else read_user(root)
-    meta = dataset_metadata(user, slug, title, _description(ckpt, run))
+    meta = dataset_metadata(user, slug, title, _description(checkpoints, run))
     check_new_dataset_metadata(meta, f"{out / DATASET_METADATA} (to be written)")
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _copy_run(run, source, ckpt, staging, keep_training_state)
+        for (source, name, _), ckpt in zip(members, checkpoints, strict=True):
+            _copy_checkpoint(source, ckpt, staging / name, keep_training_state)
+        for name in RUN_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, staging / name)
+        if manifest is not None:
+            write_manifest(staging, [(name, w) for _, name, w in members], **manifest)
         atomic.write_json(staging / DATASET_METADATA, meta)
         atomic.swap_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _export_members(run: Path, which: str) -> tuple[list[tuple[Path, str, float]], dict | None]:
+    """(source, name in the dataset, weight) of each checkpoint to export, and the manifest's
+    settings (None: ``run`` is a run folder, exported as its checkpoint ``which``)."""
+    from kit.ensemble import MANIFEST, SETTINGS, read_manifest
+
+    source = _run_checkpoint(run, which)
+    if not (run / MANIFEST).is_file():
+        return [(source, source.name, 1.0)], None
+    if which != "best":
+        raise ValueError(
+            f"{run} holds {MANIFEST}: its members are exported, which={which!r} does not apply"
+        )
+    document = read_manifest(run)
+    members = [
+        (m["path"], _member_name(m["path"]), float(m.get("weight", 1.0)))
+        for m in document["members"]
+    ]
+    names = [name for _, name, _ in members]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{run / MANIFEST}: members would share the names {repeated}")
+    return members, {k: document[k] for k in SETTINGS if k in document}
+
+
+def _member_name(path: Path) -> str:
+    """A member's file name in a model dataset: a run's best.pt or last.pt is named for its run
+    folder (``fold0/best.pt`` -> ``fold0.pt``), any other checkpoint keeps its name."""
+    return f"{path.parent.name}.pt" if path.name in CHECKPOINTS.values() else path.name
 
 
 def _run_checkpoint(run: Path, which: str) -> Path:
@@ -248,8 +292,17 @@ def _run_checkpoint(run: Path, which: str) -> Path:
     return run / CHECKPOINTS[which]
 
 
-def _description(ckpt: Mapping[str, Any], run: Path) -> str:
-    """The model dataset's one-sentence description: model, epoch, metrics, run folder."""
+def _description(checkpoints: list[Mapping[str, Any]], run: Path) -> str:
+    """The model dataset's one-sentence description: model, epoch, metrics, run folder; the
+    members' models and epochs for an ensemble."""
+    if len(checkpoints) > 1:
+        models = ", ".join(sorted({c["model_name"] for c in checkpoints}))
+        epochs = ", ".join(str(c["epoch"]) for c in checkpoints)
+        return (
+            f"HuBMAP kit ensemble of {len(checkpoints)} checkpoints ({models}; epochs {epochs}) "
+            f"with its ensemble.json, from run {run.resolve().name}."
+        )
+    ckpt = checkpoints[0]
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in ckpt["metrics"].items())
     return (
         f"HuBMAP kit checkpoint: {ckpt['model_name']}, epoch {ckpt['epoch']}"
@@ -258,19 +311,15 @@ def _description(ckpt: Mapping[str, Any], run: Path) -> str:
     )
 
 
-def _copy_run(
-    run: Path, source: Path, ckpt: Mapping[str, Any], dest: Path, keep_training_state: bool
+def _copy_checkpoint(
+    source: Path, ckpt: Mapping[str, Any], dest: Path, keep_training_state: bool
 ) -> None:
-    """Copy the checkpoint ``source`` (read as ``ckpt``; slimmed of `TRAINING_STATE` unless
-    ``keep_training_state``) and the run's `RUN_FILES` that exist into ``dest``."""
+    """Copy the checkpoint ``source`` (read as ``ckpt``) to ``dest``, slimmed of
+    `TRAINING_STATE` unless ``keep_training_state``."""
     if keep_training_state:
-        shutil.copy2(source, dest / source.name)
+        shutil.copy2(source, dest)
     else:
-        slim = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
-        save_checkpoint(dest / source.name, slim)
-    for name in RUN_FILES:
-        if (run / name).is_file():
-            shutil.copy2(run / name, dest / name)
+        save_checkpoint(dest, {k: v for k, v in ckpt.items() if k not in TRAINING_STATE})
 
 
 def _check_replaceable(out: Path) -> None:

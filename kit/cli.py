@@ -2,6 +2,7 @@
 
     python -m kit synth --out data/synthetic            # a dataset in the competition's layout
     python -m kit train --data DIR --out runs/r1 --preset quick --valid ID
+    python -m kit cv --data DIR --out runs/cv --preset quick  # every fold, OOF threshold
     python -m kit evaluate --data DIR --weights runs/r1/best.pt --slides ID
     python -m kit predict --data DIR --weights runs/r1/best.pt --out submission.csv
     python -m kit demo                                  # all of the above on the synthetic default
@@ -25,7 +26,14 @@ from kit import checkpoint, kaggle, wheels
 from kit.data import DataConfig
 from kit.infer import InferConfig
 from kit.synthetic import DEFAULT_PARAMS as SYNTH
-from kit.train import DERIVED_FIELDS, PRESETS, SHARED_FIELDS, TrainConfig, merge_config
+from kit.train import (
+    DEFAULT_FOLDS,
+    DERIVED_FIELDS,
+    PRESETS,
+    SHARED_FIELDS,
+    TrainConfig,
+    merge_config,
+)
 
 # --------------------------------------------------------------------------- flags from configs
 
@@ -76,14 +84,15 @@ def _or_none(convert):
     return parse
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """The ``train`` options: every TrainConfig field; those of ``infer`` and ``data`` flat, or
     ``--infer-x`` / ``--tile-x`` where a name is taken (``--infer-batch-size``, ``--tile-overlap``).
+    TrainConfig fields named in ``skip`` get no flag (the command sets them).
     """
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named config")
     parser.add_argument("--overwrite", action="store_true", help="start the run in --out over")
     taken = {"--preset", "--overwrite"}
-    add_config_arguments(parser, TrainConfig, taken=taken)
+    add_config_arguments(parser, TrainConfig, taken=taken, skip=skip)
     for section, cls, prefix in (("infer", InferConfig, "infer"), ("data", DataConfig, "tile")):
         add_config_arguments(
             parser, cls, taken=taken, section=section, prefix=prefix, skip=DERIVED_FIELDS
@@ -191,6 +200,12 @@ def _train(args: argparse.Namespace) -> None:
         print(f"held-out whole-slide Dice: {result['best_dice']:.4f} ({result['best_path']})")
 
 
+def _cv(args: argparse.Namespace) -> None:
+    from kit.cv import run_cv
+
+    run_cv(config_from_args(args), args.folds)  # prints the out-of-fold report (rank 0)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from kit.demo import run_demo
 
@@ -276,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(run=_train)
 
+    p = sub.add_parser(
+        "cv", help="cross-validation: every fold, out-of-fold Dice and threshold, fold ensemble"
+    )
+    # Each fold holds out its own slides: no --fold, --valid or --n-folds (--folds instead).
+    add_train_arguments(p, skip=("fold", "valid", "n_folds"))
+    p.add_argument(
+        "--folds", type=int, metavar="K",
+        help=f"folds of the grouped k-fold (default {DEFAULT_FOLDS}, or one per group if fewer)",
+    )  # fmt: skip
+    p.set_defaults(run=_cv)
+
     for name, helptext, run in (
         ("predict", "write submission.csv for the ids of sample_submission.csv", _predict),
         ("evaluate", "whole-slide Dice on training slides, with a threshold sweep", _evaluate),
@@ -317,7 +343,10 @@ def _add_kaggle_commands(sub) -> None:
 
     p = sub.add_parser("export", help="write a model dataset (checkpoint + dataset-metadata.json)")
     # --run lands in args.run_dir: args.run is the command's handler.
-    p.add_argument("--run", dest="run_dir", metavar="RUN", type=Path, required=True)
+    p.add_argument(
+        "--run", dest="run_dir", metavar="RUN", type=Path, required=True,
+        help="a run folder, or a folder with ensemble.json (kit cv's: every fold is exported)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the model dataset folder")
     p.add_argument("--which", choices=tuple(checkpoint.CHECKPOINTS), default="best")
     p.add_argument("--slug", default=kaggle.MODEL_SLUG, help="dataset URL slug (6-50 characters)")

@@ -17,6 +17,7 @@ on the held-out tiles is logged every epoch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,7 +25,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -677,6 +678,7 @@ class _Distributed:
     world: int
     device: torch.device
     device_ids: list[int] | None
+    owner: bool = False  # this start made the process group: its stop ends it
 
     @classmethod
     def start(cls, device: str | None) -> _Distributed:
@@ -684,14 +686,15 @@ class _Distributed:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         dev = rank_device(device, local, world)
-        if world > 1 and not dist.is_initialized():
+        owner = world > 1 and not dist.is_initialized()
+        if owner:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             # Rank 0 validates whole slides while the others wait: allow for long validations.
             dist.init_process_group(
                 "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2)
             )
-        return cls(rank, world, dev, [dev.index] if dev.type == "cuda" else None)
+        return cls(rank, world, dev, [dev.index] if dev.type == "cuda" else None, owner)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -728,8 +731,23 @@ class _Distributed:
             print(text, flush=True)
 
     def stop(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if self.owner and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None) -> Iterator[int]:
+    """Hold torchrun's process group over several `fit` calls; yields this process's rank.
+
+    Each `fit` otherwise starts the group and ends it, and starting it a second time in one
+    torchrun job fails (seen with gloo: the ranks no longer connect). Inside, `fit` joins the
+    group and leaves it open. Run alone, this starts nothing and yields 0.
+    """
+    ctx = _Distributed.start(device)
+    try:
+        yield ctx.rank
+    finally:
+        ctx.stop()
 
 
 def _seed_epoch(seed: int, rank: int, epoch: int, ds: TileDataset, sampler) -> None:

@@ -16,9 +16,12 @@
 #
 # Builds the tile cache, shows augmented tiles, trains a torchvision segmentation model with
 # BCE + Dice, and selects the model by whole-slide Dice on held-out slides computed at full
-# resolution through the same path as the submission. Then a threshold sweep, an error map and
-# the model exported as a Kaggle dataset for the offline submission notebook. On the synthetic
-# dataset it picks the quick settings (a small model, minutes on a CPU).
+# resolution through the same path as the submission. On the competition data it trains every
+# fold of the grouped k-fold (cross-validation, `kit.cv`) and tunes the threshold on the
+# out-of-fold predictions of all slides; on the synthetic dataset one fold, with the quick
+# settings (a small model, minutes on a CPU). Then a threshold sweep, an error map and the model
+# (every fold, with cross-validation) exported as a Kaggle dataset for the offline submission
+# notebook.
 
 # %%
 # Set-up: make `kit` importable. Locally and under pytest it already is; on Colab it is
@@ -51,6 +54,7 @@ import pandas as pd
 from kit import eda, plots
 from kit.checkpoint import export_model, load_model
 from kit.competition import Competition
+from kit.cv import fold_dir, run_cv
 from kit.data import TileDataset, train_transforms
 from kit.env import environment
 from kit.evaluate import best_threshold, evaluate_slides, format_report
@@ -67,14 +71,20 @@ from kit.train import fit, preset, split, tile_caches
 # tile settings (`cfg.data`) and those of validation and submission (`cfg.infer`) are sections:
 # change them with dicts, e.g. `data={"window": 512}` or `infer={"tta": True}`; window, scale and
 # the tissue rule are set in `data` only (`infer` follows them).
+#
+# `FOLDS`: 1 trains fold 0 only (as `python -m kit train`); None trains every fold (as `python -m
+# kit cv`; as many folds as train's default, 4 or one per patient when fewer), a number that many.
 
 # %%
 env = environment()
+FOLDS = 1 if env.synthetic else None  # one fold on the synthetic data, for time
 cfg = preset(
     "quick" if env.synthetic else "full",
     data_dir=str(env.data_dir),
     out=str(env.out_dir / "02_train"),
-    fold=0,  # hold out the slides of fold 0 (grouped by patient)
+    cache_dir=str(env.out_dir / "tile-cache"),  # one tile cache for the pictures and every fold
+    fold=0,  # hold out the slides of fold 0 (grouped by patient); pictured below
+    n_folds=None if FOLDS == 1 else FOLDS,
     progress=True,
 )
 FIGURES = env.out_dir / "figures" / "02_train"
@@ -108,25 +118,37 @@ plots.show(plots.image_grid(pictures, ncols=6, size=2.2), FIGURES / "augmented_t
 # %% [markdown]
 # ## Training
 #
-# Rerunning this cell after an interruption resumes from `last.pt`.
+# Rerunning this cell after an interruption resumes from `last.pt`. With cross-validation, every
+# fold trains into `fold{k}/` and each slide is then scored by the fold that held it out
+# (`oof.csv`); finished folds are skipped on a rerun. The pictures below are fold 0's.
 
 # %%
-result = fit(cfg)
-print(f"held-out whole-slide Dice at the best epoch: {result['best_dice']:.4f}")
+if FOLDS == 1:
+    result = fit(cfg)
+    print(f"held-out whole-slide Dice at the best epoch: {result['best_dice']:.4f}")
+    run = Path(cfg.out)
+else:
+    oof = run_cv(cfg)  # prints the out-of-fold table and threshold, writes ensemble.json
+    run = fold_dir(cfg.out, cfg.fold)
 
 # %%
-history = pd.read_csv(Path(cfg.out) / "history.csv")
+history = pd.read_csv(run / "history.csv")
 plots.show(plots.plot_history(history), FIGURES / "history.png")
 history
 
 # %% [markdown]
 # ## Whole-slide Dice on the held-out slides, and the threshold
+#
+# With cross-validation, of every slide out of fold (the ensemble's threshold is the best here).
 
 # %%
-model, checkpoint = load_model(result["best_path"], device=cfg.device)  # None: GPU if any
+model, checkpoint = load_model(run / "best.pt", device=cfg.device)  # None: GPU if any
 infer_cfg = config_from_checkpoint(checkpoint)  # runs where the model is
-scores = evaluate_slides(env.data_dir, model, valid_ids, infer_cfg, keep_rle=True)
-print(format_report(scores.drop(columns="rle")))
+# With cross-validation every slide is scored already: only the pictured one again, for its mask.
+pictured = valid_ids if FOLDS == 1 else valid_ids[:1]
+held_out = evaluate_slides(env.data_dir, model, pictured, infer_cfg, keep_rle=True)
+scores = held_out.drop(columns="rle") if FOLDS == 1 else oof
+print(format_report(scores))
 sweep = scores[[c for c in scores.columns if c.startswith("dice@")]].mean()
 thresholds = [float(c.removeprefix("dice@")) for c in sweep.index]
 plots.show(plots.plot_sweep(thresholds, list(sweep), infer_cfg.threshold), FIGURES / "sweep.png")
@@ -144,7 +166,7 @@ truth = comp.truth(slide_id)
 with Slide(comp.slide_path(slide_id)) as slide:
     shape, scale = slide.shape, max(1, max(slide.shape) // 1500)
     thumb = slide.thumbnail(scale)
-predicted = scores.set_index("id").at[slide_id, "rle"]  # kept by evaluate: no second pass
+predicted = held_out.set_index("id").at[slide_id, "rle"]  # kept by evaluate: no second pass
 errors = plots.error_overlay(
     thumb,
     eda.mask_thumbnail(predicted, shape, scale) > 0.5,
@@ -155,7 +177,9 @@ plots.show(plots.show_image(errors, f"{slide_id} (held out)"), FIGURES / "errors
 # %% [markdown]
 # ## Export the model for the offline submission notebook
 #
-# Upload the folder with `kaggle datasets create -p <folder>` (see `wheels/README.md`).
+# One checkpoint, or with cross-validation every fold and the `ensemble.json` that averages them
+# at the out-of-fold threshold. Upload the folder with `kaggle datasets create -p <folder>` (see
+# `wheels/README.md`).
 
 # %%
 export = export_model(cfg.out, env.out_dir / "02_model_dataset")

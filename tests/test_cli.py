@@ -9,7 +9,17 @@ import torch
 from kit.cli import main
 from kit.synthetic import make_dataset
 
-COMMANDS = ("synth", "train", "predict", "evaluate", "demo", "export", "wheels", "kaggle-metadata")
+COMMANDS = (
+    "synth",
+    "train",
+    "cv",
+    "predict",
+    "evaluate",
+    "demo",
+    "export",
+    "wheels",
+    "kaggle-metadata",
+)
 
 
 def test_help_lists_every_subcommand():
