@@ -8,6 +8,9 @@ counts (intersection, predicted, true pixels) in int64 — whole slides exceed 2
     for prob, mask in batches:
         score.update(prob > 0.5, mask)
     score.compute()
+
+Tensors are counted on their device and copied to the host once, in ``compute``: a copy per batch
+makes the CPU wait for the GPU at every batch. `Mean` does the same for a loss.
 """
 
 from __future__ import annotations
@@ -41,23 +44,30 @@ def binary_counts(pred: Array, target: Array, chunk: int = _CHUNK) -> tuple[int,
     of them) at a time, which bounds the temporaries; the counts do not depend on it.
     """
     pred, target = _match(pred, target)
+    if isinstance(pred, torch.Tensor):
+        return _checked(_tensor_counts(pred, target).tolist())
     counts = []
     for p, t in _chunks(pred, target, chunk):
         for name, a in (("pred", p), ("target", t)):
             if _is_float(a) and bool(((a != 0) & (a != 1)).any()):
-                raise ValueError(
-                    f"{name} holds values other than 0 and 1: threshold probabilities first "
-                    "(prob > t), or use ThresholdSweep"
-                )
+                raise ValueError(_NOT_BINARY.format(name))
         p, t = p != 0, t != 0
         counts.append([_count(p & t), _count(p), _count(t)])
     return tuple(_total(counts).tolist())
+
+
+_NOT_BINARY = (
+    "{} holds values other than 0 and 1: threshold probabilities first (prob > t), or use "
+    "ThresholdSweep"
+)
 
 
 class DiceScore:
     """Dice over everything seen: accumulates the three counts, divides once in `compute`.
 
     Masks may be numpy arrays or torch tensors (on any device), bool/int, or float of 0/1.
+    Tensors are counted on their device and read once, by `compute` (or `stats`): a float tensor
+    holding other values than 0 and 1 is refused there, not in `update`.
     """
 
     def __init__(self) -> None:
@@ -65,15 +75,63 @@ class DiceScore:
 
     def reset(self) -> None:
         """Forget everything seen."""
-        self.stats = np.zeros(3, dtype=np.int64)  # intersection, pred sum, target sum
+        self._host = np.zeros(3, dtype=np.int64)
+        self._device: torch.Tensor | None = None  # of tensor batches, see `_tensor_counts`
 
     def update(self, pred: Array, target: Array) -> None:
         """Add a batch of binary masks (nonzero = foreground), any shape, pred and target equal."""
-        self.stats += np.asarray(binary_counts(pred, target), dtype=np.int64)
+        pred, target = _match(pred, target)
+        if not isinstance(pred, torch.Tensor):
+            self._host += np.asarray(binary_counts(pred, target), dtype=np.int64)
+        elif self._device is None:
+            self._device = _tensor_counts(pred, target)
+        else:
+            self._device += _tensor_counts(pred, target).to(self._device.device)
+
+    @property
+    def stats(self) -> np.ndarray:
+        """int64 (3,): intersection, predicted and true pixels of everything seen."""
+        if self._device is not None:
+            counts = _checked(self._device.tolist())  # the one copy from the device
+            self._host += np.asarray(counts, dtype=np.int64)
+            self._device = None
+        return self._host
 
     def compute(self) -> float:
         """Dice of all masks seen; 1.0 when nothing (or nothing but empty masks) was seen."""
         return _dice_from_counts(*self.stats.tolist())
+
+
+class Mean:
+    """Weighted mean of scalars, such as the loss of each batch: summed, then divided once.
+
+    Tensors are summed on their device and read once, by `compute`; ``loss.item()`` at every
+    step would make the CPU wait for the GPU at every step.
+
+        loss_mean = Mean()
+        for images, masks in loader:
+            loss_mean.update(criterion(model(images), masks), len(images))
+        loss_mean.compute()
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen."""
+        self.total: float | torch.Tensor = 0.0  # sum of value * weight
+        self.weight = 0.0
+
+    def update(self, value: float | torch.Tensor, weight: float = 1.0) -> None:
+        """Add ``value`` (a number or a one-element tensor, on any device) with ``weight``."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        self.total = self.total + value * weight
+        self.weight += weight
+
+    def compute(self) -> float:
+        """The weighted mean of all values seen; NaN when nothing was seen."""
+        return float(self.total) / self.weight if self.weight else math.nan
 
 
 class ThresholdSweep:
@@ -128,6 +186,26 @@ class ThresholdSweep:
         """(threshold, Dice) of the highest Dice; ties go to the one nearest 0.5, then the lower."""
         scores = self.compute()
         return max(scores.items(), key=lambda item: (item[1], -abs(item[0] - 0.5)))
+
+
+def _tensor_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """int64 (5,) on the masks' device: intersection, pred sum, target sum, then how many values
+    of a float ``pred`` and ``target`` are neither 0 nor 1 (0 for other dtypes), for `_checked`.
+    """
+    invalid = [
+        ((a != 0) & (a != 1)).sum() if a.is_floating_point() else a.new_zeros((), dtype=torch.long)
+        for a in (pred, target)
+    ]
+    p, t = pred != 0, target != 0
+    return torch.stack([(p & t).sum(), p.sum(), t.sum(), *invalid])
+
+
+def _checked(counts: list[int]) -> tuple[int, int, int]:
+    """The Dice counts of `_tensor_counts`, once its last two say the masks were binary."""
+    for name, invalid in zip(("pred", "target"), counts[3:], strict=True):
+        if invalid:
+            raise ValueError(_NOT_BINARY.format(name))
+    return tuple(counts[:3])
 
 
 def _dice_from_counts(intersection: int, pred_sum: int, target_sum: int) -> float:

@@ -52,7 +52,7 @@ from kit.data import (
 from kit.device import amp_dtype, rank_device
 from kit.infer import InferConfig
 from kit.losses import BCEDiceLoss
-from kit.metrics import DiceScore
+from kit.metrics import DiceScore, Mean
 from kit.model import build_model
 from kit.progress import progress_bar, show_progress
 
@@ -67,6 +67,8 @@ RUNTIME_FIELDS = (
 SHARED_FIELDS = ("window", "scale", "min_tissue", "tissue_saturation")
 # Fields set from other fields (see TrainConfig; the device: the model's): no command-line flag.
 DERIVED_FIELDS = ("data.seed", "infer.device", *(f"infer.{name}" for name in SHARED_FIELDS))
+# How often a shown training bar reads the running loss from the device.
+BAR_SECONDS = 10.0
 HISTORY_FIELDS = (
     "epoch", "lr", "train_loss", "valid_loss", "tile_dice", "slide_dice", "tiles_per_s", "seconds",
 )  # fmt: skip
@@ -223,9 +225,14 @@ def train_one_epoch(
     progress=False,
     desc="train",
 ) -> dict:
-    """One pass over ``loader``; returns the mean loss and the throughput in tiles/s."""
+    """One pass over ``loader``; returns the mean loss and the throughput in tiles/s.
+
+    The loss is summed on the device and read once, at the end (a shown bar reads it every
+    `BAR_SECONDS`): a read per step would make the CPU wait for the GPU at every step.
+    """
     model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
+    loss_mean, seen, start = Mean(), 0, time.perf_counter()
+    shown = start
     bar = progress_bar(loader, desc=desc, unit="batch", progress=progress, leave=False)
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
@@ -240,27 +247,31 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(images)
+        loss_mean.update(loss, len(images))
         seen += len(images)
-        rate = seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{total / seen:.4f}", tiles_s=f"{rate:.1f}")
-    return {"train_loss": total / max(seen, 1), "tiles_per_s": seen / (time.perf_counter() - start)}
+        if not bar.disable and time.perf_counter() - shown >= BAR_SECONDS:
+            loss_so_far, shown = loss_mean.compute(), time.perf_counter()
+            bar.set_postfix(loss=f"{loss_so_far:.4f}", tiles_s=f"{seen / (shown - start):.1f}")
+    loss = loss_mean.compute()  # waits for the last step: the rate is the device's
+    return {"train_loss": loss, "tiles_per_s": seen / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
 def evaluate(model, loader, criterion, *, device, amp_dtype, threshold=0.5, progress=False) -> dict:
-    """Loss and Dice over all held-out tiles (pixels pooled, not a mean of per-tile Dice)."""
+    """Loss and Dice over all held-out tiles (pixels pooled, not a mean of per-tile Dice).
+
+    Both are accumulated on the device and read once, at the end.
+    """
     model.eval()
-    score, total, seen = DiceScore(), 0.0, 0
+    score, loss_mean = DiceScore(), Mean()
     bar = progress_bar(loader, desc="valid", unit="batch", progress=progress, leave=False)
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-        total += criterion(logits, masks).item() * len(images)
-        seen += len(images)
+        loss_mean.update(criterion(logits, masks), len(images))
         score.update(torch.sigmoid(logits.float()) > threshold, masks)
-    return {"valid_loss": total / seen if seen else math.nan, "tile_dice": score.compute()}
+    return {"valid_loss": loss_mean.compute(), "tile_dice": score.compute()}
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:

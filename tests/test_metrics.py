@@ -1,8 +1,10 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from kit.metrics import DiceScore, ThresholdSweep, binary_counts, dice
+from kit.metrics import DiceScore, Mean, ThresholdSweep, binary_counts, dice
 
 
 def test_dice_hand_computed():
@@ -43,6 +45,31 @@ def test_dice_score_accumulates_counts_not_per_batch_dice():
     assert score.compute() != pytest.approx((1.0 + 0.5) / 2)
     score.reset()
     assert score.compute() == 1.0
+
+
+def test_dice_score_refuses_tensor_probabilities_when_it_reads_them():
+    score = DiceScore()
+    score.update(torch.tensor([0.0, 1.0]), torch.tensor([1, 1]))
+    score.update(torch.tensor([[0.2, 1.0]]), torch.tensor([[1.0, 1.0]]))  # counted on the device
+    with pytest.raises(ValueError, match="pred holds values other than 0 and 1"):
+        score.compute()
+    with pytest.raises(ValueError, match="target holds values other than 0 and 1"):
+        binary_counts(torch.tensor([1, 0]), torch.tensor([0.5, 1.0]))
+    score.reset()
+    score.update(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([True, False, False]))
+    score.update(np.array([0, 1]), np.array([1, 1]))
+    assert score.stats.tolist() == [2, 3, 3] and score.compute() == pytest.approx(4 / 6)
+
+
+def test_mean_weights_its_values_and_reads_tensors_once():
+    mean = Mean()
+    assert math.isnan(mean.compute())
+    mean.update(torch.tensor(1.0, requires_grad=True), 3)  # a loss of a batch of 3
+    mean.update(5.0)
+    assert isinstance(mean.total, torch.Tensor) and not mean.total.requires_grad
+    assert mean.compute() == pytest.approx((3 * 1.0 + 5.0) / 4)
+    mean.reset()
+    assert math.isnan(mean.compute())
 
 
 def test_dice_score_accepts_a_channel_axis_and_mixed_libraries():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from kit.checkpoint import load_model, read_checkpoint
 from kit.cli import add_train_arguments, config_from_args
@@ -19,17 +20,21 @@ from kit.competition import Competition
 from kit.data import DataConfig
 from kit.evaluate import evaluate_slides
 from kit.infer import InferConfig, config_from_checkpoint
+from kit.losses import BCEDiceLoss
 from kit.model import build_model
 from kit.synthetic import make_dataset
 from kit.train import (
+    BAR_SECONDS,
     DERIVED_FIELDS,
     PRESETS,
     TrainConfig,
     config_diff,
+    evaluate,
     fit,
     preset,
     split,
     tile_caches,
+    train_one_epoch,
     warmup_cosine,
 )
 
@@ -401,3 +406,47 @@ def test_a_trained_config_gives_its_inference_settings_to_the_checkpoint_reader(
     ckpt = {"config": asdict(cfg)}
     assert config_from_checkpoint(ckpt) == replace(cfg.infer, device=None)
     assert (cfg.infer.window, cfg.infer.min_tissue, cfg.infer.overlap) == (512, 0.02, 64)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host: on a GPU, each makes the CPU
+    wait until the GPU has computed it, and a wait per step leaves the GPU idle between steps."""
+
+    READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy)
+    READS += (torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_of_an_epoch(steps, progress=False):
+    """Host reads of one training and one validation pass over ``steps`` batches."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 1, 3, padding=1)
+    loader = [(torch.rand(2, 3, 9, 7), (torch.rand(2, 1, 9, 7) > 0.5).float())] * steps
+    # SGD: AdamW reads its step count on the host every step, but keeps it on the CPU (no wait).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run = dict(device=torch.device("cpu"), amp_dtype=None, progress=progress)
+    with HostReads() as reads:
+        row = train_one_epoch(
+            model, loader, BCEDiceLoss(), optimizer, scheduler, scaler, grad_clip=1.0, **run
+        )
+        row |= evaluate(model, loader, BCEDiceLoss(), **run)
+    assert all(math.isfinite(v) for v in row.values())
+    return reads.count
+
+
+def test_an_epoch_reads_from_the_device_a_fixed_number_of_times():
+    few = host_reads_of_an_epoch(2)
+    assert 0 < few  # the counter sees the reads of the epoch's results
+    assert host_reads_of_an_epoch(9) == few
+    start = time.perf_counter()
+    shown = host_reads_of_an_epoch(9, progress=True)  # a bar reads the loss every BAR_SECONDS
+    assert shown <= few + 1 + (time.perf_counter() - start) // BAR_SECONDS
