@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from kit import atomic
 from kit.competition import Competition, read_polygons
@@ -402,7 +403,9 @@ class TileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile ``i``, or for ``(i, seed)`` tile ``i`` augmented by draws from ``seed``."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         if not -len(self) <= i < len(self):
             raise IndexError(f"tile {i} out of range for {len(self)} tiles")
         i %= len(self)
@@ -416,6 +419,8 @@ class TileDataset(torch.utils.data.Dataset):
         k = i - int(self._offsets[part])
         image, mask = np.array(images[k]), np.array(masks[k])  # copies off the read-only map
         if self.transforms is not None:
+            if seed is not None:
+                self.transforms.set_random_seed(seed)
             out = self.transforms(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
@@ -436,6 +441,111 @@ def seed_worker(worker_id: int) -> None:
     transforms = getattr(info.dataset, "transforms", None) if info else None
     if transforms is not None and hasattr(transforms, "set_random_seed"):
         transforms.set_random_seed(torch.initial_seed() % 2**32)
+
+
+# --------------------------------------------------------------------------- loaders
+
+# More workers only hold more memory: one prepares cached tiles far faster than a training step
+# uses them (bench/loader.py).
+MAX_WORKERS = 8
+
+
+def default_workers(cpus: int, local_world: int = 1) -> int:
+    """DataLoader workers per process: the ``cpus`` shared among the ``local_world`` processes on
+    this machine, less one each for the process itself (its training step), at most `MAX_WORKERS`.
+
+    4 vCPUs (Kaggle): 3, or 1 per rank for two ranks; 2 (free Colab): 1; 1 CPU: 0 (tiles are
+    then read in the training process).
+    """
+    if cpus < 1 or local_world < 1:
+        raise ValueError(f"cpus and local_world must be >= 1, got {cpus} and {local_world}")
+    return max(0, min(MAX_WORKERS, cpus // local_world - 1))
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of `tile_loader`: one OpenCV thread, then `seed_worker`.
+
+    The workers already share the CPUs: an OpenCV thread pool in each (augmentation) would only
+    oversubscribe them; torch sets one thread per worker itself. A worker forked by `tile_loader`
+    already has one thread and this changes nothing; a spawned one (macOS) gets it here.
+    """
+    cv2.setNumThreads(1)
+    seed_worker(worker_id)
+
+
+class SeededSampler(Sampler):
+    """Pairs each index of ``sampler`` with a seed for its augmentation (`TileDataset` items).
+
+    The seeds come from ``generator``, which a random ``sampler`` should share; `tile_loader`
+    seeds it as each epoch starts.
+    """
+
+    def __init__(self, sampler: Sampler, generator: torch.Generator) -> None:
+        self.sampler, self.generator = sampler, generator
+
+    def __iter__(self):
+        seeds = torch.randint(2**31, (len(self.sampler),), generator=self.generator).tolist()
+        return zip(self.sampler, seeds, strict=True)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _TileLoader(DataLoader):
+    """The DataLoader of `tile_loader`: seeds its sampler, and starts workers with one OpenCV
+    thread."""
+
+    def __iter__(self):
+        # First, before the DataLoader's own draw (made when workers start, not when they persist).
+        self.sampler.generator.manual_seed(int(torch.randint(2**62, ()).item()))
+        if self.num_workers == 0:
+            return super().__iter__()
+        # OpenCV's thread pool does not survive a fork: a worker forked while the parent's pool
+        # exists hangs in cv2.setNumThreads. Forked without it, workers inherit one thread.
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super().__iter__()  # starts the workers (the first time, when persistent)
+        finally:
+            cv2.setNumThreads(threads)
+
+
+def tile_loader(
+    ds: TileDataset,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    shuffle: bool = False,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader of (image, mask) batches whose order and augmentation depend on torch's
+    global random state alone.
+
+    As an epoch starts, the loader draws a seed from torch's global generator for the tiles'
+    order and for a seed per tile (`SeededSampler`), from which the tile is augmented in whichever
+    process reads it. The batches are then the same with any number of workers, and a resumed run
+    (fresh workers) draws what the uninterrupted one did. Workers (``workers > 0``) start with
+    `init_worker` and persist from one epoch to the next instead of being started again.
+
+    Args:
+        sampler: the tiles' order (e.g. a DistributedSampler); default: shuffled when
+            ``shuffle``, else in order.
+    """
+    generator = torch.Generator()
+    if sampler is None:
+        sampler = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
+    return _TileLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=SeededSampler(sampler, generator),
+        num_workers=workers,
+        worker_init_fn=init_worker,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+    )
 
 
 # --------------------------------------------------------------------------- transforms

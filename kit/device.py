@@ -1,8 +1,10 @@
-"""Where computation runs: the default device, one device per rank, the mixed-precision dtype.
+"""Where computation runs: the default device, one device per rank, the mixed-precision dtype,
+the CPUs this process may use.
 
     device = default_device()                      # cuda when a GPU is visible, else cpu
     dtype = amp_dtype(device)                      # bf16 on Ampere+, fp16 before, None on CPU
     device = rank_device(None, local_rank=1, world=2)   # cuda:1, or a clear error on one GPU
+    cpus = available_cpus()                        # e.g. 4 in a Kaggle GPU notebook
 
 One place decides these for training and inference alike, so a T4 (Kaggle, Colab) never gets
 emulated bf16 in one and fp16 in the other.
@@ -16,6 +18,7 @@ import torch
 
 __all__ = [
     "amp_dtype",
+    "available_cpus",
     "check_gpu",
     "default_device",
     "has_kernels",
@@ -23,6 +26,17 @@ __all__ = [
     "rank_device",
     "torchrun_place",
 ]
+
+
+def available_cpus() -> int:
+    """How many CPUs this process may run on.
+
+    Its affinity set where the OS keeps one (Linux: a container or ``taskset`` narrows it), else
+    all of the machine's.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def default_device() -> torch.device:

@@ -44,12 +44,13 @@ from kit.data import (
     DataConfig,
     TileDataset,
     build_tile_caches,
+    default_workers,
     eval_transforms,
-    seed_worker,
     split_slides,
+    tile_loader,
     train_transforms,
 )
-from kit.device import amp_dtype, rank_device
+from kit.device import amp_dtype, available_cpus, rank_device
 from kit.infer import InferConfig
 from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore, Mean
@@ -110,7 +111,8 @@ class TrainConfig:
     amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
     seed: int = option(0, "model init, data order, augmentation and tile selection")
     eval_every: int = option(1, "whole-slide validation every n epochs (and the last)")
-    workers: int = option(2, "DataLoader worker processes")
+    # Default: kit.data.default_workers (3 on Kaggle's 4 vCPUs, 1 per rank for two ranks).
+    workers: int | None = option(None, "DataLoader workers per process (default: from the CPUs)")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK or cpu)")
     progress: bool | None = option(None, "progress bars (default: on a terminal or in Jupyter)")
     resume: bool = option(True, "continue the run found in --out (--overwrite: start over)")
@@ -181,7 +183,6 @@ PRESETS = {
         weight_decay=1e-4,
         warmup_epochs=1.0,
         eval_every=5,
-        workers=4,
         data=dict(window=1024, scale=4, overlap=256),
         infer=dict(overlap=256),
     ),
@@ -328,7 +329,7 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
 
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        _seed_epoch(cfg.seed, ctx.rank, epoch, data.train_ds, data.sampler)
+        _seed_epoch(cfg.seed, ctx.rank, epoch, data.sampler)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row |= train_one_epoch(
             net, data.train_dl, criterion, optimizer, scheduler, scaler, device=device,
@@ -450,6 +451,7 @@ class _Data:
     train_dl: DataLoader
     valid_dl: DataLoader
     sampler: DistributedSampler | None
+    workers: int  # per loader
     progress: bool  # show bars (rank 0 only)
 
     @classmethod
@@ -464,20 +466,24 @@ class _Data:
         ctx.barrier()
         train_ds = TileDataset(tile_caches(cfg, train_slides, progress=False), train_transforms())
         valid_ds = TileDataset(tile_caches(cfg, valid_slides, progress=False), eval_transforms())
-        train_dl, sampler = _train_loader(train_ds, cfg, ctx)
+        workers = cfg.workers
+        if workers is None:
+            workers = default_workers(available_cpus(), ctx.local_world)
+        train_dl, sampler = _train_loader(train_ds, cfg, ctx, workers)
         pin = ctx.device.type == "cuda"
-        valid_dl = DataLoader(
-            valid_ds, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin
-        )
+        valid_dl = tile_loader(valid_ds, cfg.batch_size, workers=workers, pin_memory=pin)
         return cls(
-            train_slides, valid_slides, train_ds, valid_ds, train_dl, valid_dl, sampler, progress
-        )
+            train_slides, valid_slides, train_ds, valid_ds, train_dl, valid_dl, sampler, workers,
+            progress,
+        )  # fmt: skip
 
     def describe(self, device: torch.device, world: int) -> str:
         return (
             f"train slides {self.train_ids} ({len(self.train_ds)} tiles), held out "
             f"{self.valid_ids} ({len(self.valid_ds)} tiles) on {device}"
             + (f" x{world}" if world > 1 else "")
+            + f", {self.workers} loader worker{'' if self.workers == 1 else 's'}"
+            + (" per process" if world > 1 else "")
         )
 
 
@@ -536,7 +542,7 @@ def _save_epoch(run: Path, cfg, history, best, model, optimizer, scheduler, scal
     return best
 
 
-def _train_loader(ds: TileDataset, cfg: TrainConfig, ctx: _Distributed):
+def _train_loader(ds: TileDataset, cfg: TrainConfig, ctx: _Distributed, workers: int):
     if len(ds) == 0:
         raise ValueError("no training tiles: check the slides' masks and the tile settings")
     sampler = (
@@ -545,17 +551,15 @@ def _train_loader(ds: TileDataset, cfg: TrainConfig, ctx: _Distributed):
         else None
     )
     per_rank = math.ceil(len(ds) / ctx.world)
-    loader = DataLoader(
+    loader = tile_loader(
         ds,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
+        cfg.batch_size,
+        workers=workers,
+        shuffle=True,
         sampler=sampler,
-        num_workers=cfg.workers,
-        worker_init_fn=seed_worker,
         pin_memory=ctx.device.type == "cuda",
         # A last batch of one tile breaks BatchNorm on pooled features; drop partial batches.
         drop_last=per_rank > cfg.batch_size,
-        persistent_workers=False,
     )
     return loader, sampler
 
@@ -687,6 +691,7 @@ class _Distributed:
 
     rank: int
     world: int
+    local_world: int  # the processes on this machine
     device: torch.device
     device_ids: list[int] | None
     owner: bool = False  # this start made the process group: its stop ends it
@@ -696,6 +701,7 @@ class _Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         dev = rank_device(device, local, world)
         owner = world > 1 and not dist.is_initialized()
         if owner:
@@ -705,7 +711,8 @@ class _Distributed:
             dist.init_process_group(
                 "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2)
             )
-        return cls(rank, world, dev, [dev.index] if dev.type == "cuda" else None, owner)
+        ids = [dev.index] if dev.type == "cuda" else None
+        return cls(rank, world, local_world, dev, ids, owner)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -761,17 +768,16 @@ def process_group(device: str | None = None) -> Iterator[int]:
         ctx.stop()
 
 
-def _seed_epoch(seed: int, rank: int, epoch: int, ds: TileDataset, sampler) -> None:
+def _seed_epoch(seed: int, rank: int, epoch: int, sampler) -> None:
     """Make an epoch's randomness a function of (seed, rank, epoch) alone.
 
-    Data order, worker seeds and augmentation then repeat exactly when a run is resumed, so a
-    resumed run follows the same course as one that was never interrupted.
+    Data order and augmentation (seeded per tile in this process, `kit.data.tile_loader`) then
+    repeat exactly when a run is resumed, so a resumed run follows the same course as one that
+    was never interrupted.
     """
     _seed_everything(seed * 1_000_003 + epoch * 1009 + rank)
     if sampler is not None:
         sampler.set_epoch(epoch)
-    if ds.transforms is not None:  # the main process's stream (workers reseed in seed_worker)
-        ds.transforms.set_random_seed(int(torch.randint(2**31, ()).item()))
 
 
 def _seed_everything(seed: int) -> None:

@@ -3,7 +3,9 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,13 +17,16 @@ from kit.data import (
     DataConfig,
     TileDataset,
     build_tile_cache,
+    default_workers,
     downscale_mask,
     eval_transforms,
     group_folds,
     index_slide,
+    init_worker,
     mask_source,
     select_tiles,
     split_slides,
+    tile_loader,
     train_transforms,
 )
 from kit.infer import InferConfig, predict_slide
@@ -328,6 +333,67 @@ def test_dataset_items_are_float_tensors(dataset, tmp_path):
     assert len(pickle.dumps(plain)) < 100_000
     loader = torch.utils.data.DataLoader(augmented, batch_size=4, num_workers=2)
     assert sum(len(x) for x, _ in loader) == len(augmented)
+
+
+def test_default_workers_share_the_cpus_among_the_processes():
+    # (cpus, processes on the machine) -> workers per process, one CPU left to each process.
+    cases = {(4, 1): 3, (4, 2): 1, (2, 1): 1, (2, 2): 0, (1, 1): 0, (3, 2): 0, (16, 1): 8}
+    assert {k: default_workers(*k) for k in cases} == cases  # 16 CPUs: at most MAX_WORKERS
+    with pytest.raises(ValueError, match="local_world must be >= 1, got 4 and 0"):
+        default_workers(4, 0)
+
+
+class WorkerProbe(torch.utils.data.Dataset):
+    """Items say which process read them and with how many OpenCV threads."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, item):
+        return torch.tensor([os.getpid(), cv2.getNumThreads()])
+
+
+def test_loader_workers_persist_with_one_opencv_thread_each():
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(3)  # what a worker would inherit
+    # Start OpenCV's pool and let its threads fall asleep, as after building the tile caches: a
+    # worker forked now that calls cv2.setNumThreads waits for them forever.
+    cv2.resize(np.ones((50, 60), np.float32), (2000, 2400), interpolation=cv2.INTER_CUBIC)
+    time.sleep(0.5)
+    try:
+        loader = tile_loader(WorkerProbe(), 2, workers=2)
+        loader.timeout = 30  # a stuck worker fails the test instead of hanging it
+        epochs = [[tuple(row) for row in torch.cat(list(loader)).tolist()] for _ in range(2)]
+    finally:
+        cv2.setNumThreads(threads)
+    assert loader.persistent_workers and loader.worker_init_fn is init_worker
+    assert {t for _, t in epochs[0] + epochs[1]} == {1}
+    workers = {p for p, _ in epochs[0]}
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert {p for p, _ in epochs[1]} == workers  # the same processes: not started again
+    assert not tile_loader(WorkerProbe(), 2, workers=0).persistent_workers
+
+
+def test_augmentation_depends_on_the_seed_alone_not_on_the_workers(dataset, tmp_path):
+    """Batches are the same with 0 or 2 workers, and a loader started at epoch 2 (a resumed run)
+    gives what the loader whose workers persisted since epoch 1 gives."""
+    folders = data.build_tile_caches(
+        dataset, Competition(dataset).train_ids, CFG, tmp_path, progress=False
+    )
+    ds = TileDataset(folders, train_transforms())
+
+    def epoch(loader, number):
+        torch.manual_seed(number)  # as kit.train seeds every epoch
+        return torch.cat([images for images, _ in loader])
+
+    def loader(workers):
+        return tile_loader(ds, 4, workers=workers, shuffle=True)
+
+    alone, shared = loader(0), loader(2)
+    first, second = epoch(alone, 1), epoch(alone, 2)
+    assert not torch.equal(first, second)
+    assert torch.equal(epoch(shared, 1), first) and torch.equal(epoch(shared, 2), second)
+    assert torch.equal(epoch(loader(2), 2), second)
 
 
 def test_dataset_refuses_a_folder_that_is_not_a_cache(tmp_path):
