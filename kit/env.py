@@ -10,14 +10,17 @@ Data is found in this order:
 3. a local ``data/`` folder (in the working directory or the repository root);
 4. the kit's synthetic dataset, generated once into a cache folder (``kit.synthetic``).
 
-Outputs go under ``/kaggle/working`` on Kaggle and ``runs/`` elsewhere. ``$KAGGLE_INPUT`` and
-``$KAGGLE_WORKING`` replace the two Kaggle folders (the offline test lays out a fake ``/kaggle``).
+Outputs go under ``/kaggle/working`` on Kaggle and ``runs/`` elsewhere; on Kaggle, large
+intermediate files (the tile cache) go outside it, to :func:`scratch_dir`. ``$KAGGLE_INPUT``,
+``$KAGGLE_WORKING`` and ``$KAGGLE_TEMP`` replace the Kaggle folders (the offline test lays out a
+fake ``/kaggle``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ COMPETITION = "hubmap-kidney-segmentation"
 # Overridable so tests (and unusual mounts) can stand in for Kaggle's folders.
 KAGGLE_INPUT = Path(os.environ.get("KAGGLE_INPUT", "/kaggle/input"))
 KAGGLE_WORKING = Path(os.environ.get("KAGGLE_WORKING", "/kaggle/working"))
+KAGGLE_TEMP = Path(os.environ.get("KAGGLE_TEMP", "/kaggle/temp"))
 # A folder is the competition's data when it holds both of these.
 DATA_MARKERS = ("sample_submission.csv", "train.csv")
 
@@ -128,6 +132,21 @@ def environment(out_dir: str | os.PathLike | None = None) -> Environment:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return Environment(kind=kind, data_dir=data_dir, data_source=source, out_dir=out)
+
+
+def scratch_dir(kind: str | None = None, kaggle_temp: Path = KAGGLE_TEMP) -> Path | None:
+    """Where large intermediate files go on Kaggle; None elsewhere (beside the outputs).
+
+    On Kaggle everything under /kaggle/working is the notebook's output: at most 20 GB, saved
+    with every version. ``kaggle_temp`` (``/kaggle/temp``, kept for the session only) is used
+    where it exists, else the system's temporary folder.
+
+    Args:
+        kind: ``"kaggle"``, ``"colab"`` or ``"local"``; default: `detect`.
+    """
+    if (detect() if kind is None else kind) != "kaggle":
+        return None
+    return kaggle_temp if kaggle_temp.is_dir() else Path(tempfile.gettempdir())
 
 
 # The third-party modules the kit imports -> what provides them (tests/test_env.py keeps this

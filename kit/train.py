@@ -51,6 +51,7 @@ from kit.data import (
     train_transforms,
 )
 from kit.device import amp_dtype, available_cpus, rank_device
+from kit.env import scratch_dir
 from kit.infer import InferConfig
 from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore, Mean
@@ -87,7 +88,9 @@ class TrainConfig:
 
     data_dir: str = option("data", "competition folder", flag="--data", required=True)
     out: str = option("runs/train", "run folder (resumed if it exists)", required=True)
-    cache_dir: str | None = option(None, "tile cache folder (default: beside --out)")
+    cache_dir: str | None = option(
+        None, "tile cache folder (default: beside --out; on Kaggle outside /kaggle/working)"
+    )
     # Held-out slides: `valid` if given, else fold `fold` of a grouped k-fold.
     valid: list[str] = option(help="held-out slide ids", factory=list, metavar="ID")
     fold: int = option(0, "hold out this fold of a grouped k-fold (0-based)")
@@ -433,11 +436,24 @@ def fold_setup(
 def tile_caches(cfg: TrainConfig, ids: list[str], progress: bool | None = None) -> list[Path]:
     """The tile cache folders of slides ``ids`` for this run's settings, built where missing.
 
-    The cache lives in ``cfg.cache_dir``, by default ``tile-cache`` beside the run folder, so
-    runs with the same tile settings share it.
+    They are in `tile_cache_dir`.
     """
-    cache_dir = Path(cfg.cache_dir or Path(cfg.out).resolve().parent / "tile-cache")
-    return build_tile_caches(cfg.data_dir, ids, cfg.data, cache_dir, progress=progress)
+    return build_tile_caches(cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress)
+
+
+def tile_cache_dir(cfg: TrainConfig) -> Path:
+    """The folder of the run's tile caches: ``cfg.cache_dir``, else ``tile-cache`` beside the run
+    folder (runs with the same tile settings share it).
+
+    On Kaggle the default is in `kit.env.scratch_dir` instead: a cache of several GB under
+    /kaggle/working would count against the notebook's 20 GB of output.
+    """
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    scratch = scratch_dir()
+    if scratch is not None:
+        return scratch / "hubmap-kit" / "tile-cache"
+    return Path(cfg.out).resolve().parent / "tile-cache"
 
 
 @dataclass
@@ -460,6 +476,7 @@ class _Data:
         for note in notes:  # the run's first lines: how unset fold settings fit the data
             ctx.print(note)
         progress = show_progress(cfg.progress) and ctx.rank == 0
+        ctx.print(f"tile cache: {tile_cache_dir(cfg)}")
         # Rank 0 builds the caches; the others then find them complete instead of racing.
         if ctx.rank == 0:
             tile_caches(cfg, train_slides + valid_slides, progress=progress)

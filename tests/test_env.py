@@ -1,3 +1,4 @@
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,12 @@ def test_every_third_party_import_of_the_kit_is_checked():
     third_party = imported - set(sys.stdlib_module_names) - {"kit", "__future__"}
     # packaging and jupytext-free: what the wheel builder uses is a pip dependency, always there.
     assert third_party - {"packaging"} == set(env.DEPENDENCIES)
+
+
+def test_scratch_dir_on_kaggle_only_and_outside_working(tmp_path):
+    temp = tmp_path / "temp"
+    assert env.scratch_dir("local", kaggle_temp=temp) is None
+    assert env.scratch_dir("colab", kaggle_temp=temp) is None
+    assert env.scratch_dir("kaggle", kaggle_temp=temp) == Path(tempfile.gettempdir())
+    temp.mkdir()
+    assert env.scratch_dir("kaggle", kaggle_temp=temp) == temp

@@ -18,6 +18,7 @@ from kit.checkpoint import load_model, read_checkpoint
 from kit.cli import add_train_arguments, config_from_args
 from kit.competition import Competition
 from kit.data import DataConfig
+from kit.env import scratch_dir
 from kit.evaluate import evaluate_slides
 from kit.infer import InferConfig, config_from_checkpoint
 from kit.losses import BCEDiceLoss
@@ -33,6 +34,7 @@ from kit.train import (
     fit,
     preset,
     split,
+    tile_cache_dir,
     tile_caches,
     train_one_epoch,
     warmup_cosine,
@@ -197,10 +199,23 @@ def test_split_and_tile_caches_of_a_config(dataset, tmp_path):
     assert [f.name.split("-")[0] for f in folders] == ids[:2]
 
 
-def test_fit_writes_a_run_folder_and_refuses_another_config(dataset, tmp_path):
+def test_on_kaggle_the_tile_cache_defaults_outside_the_output_folder(tmp_path, monkeypatch):
+    working = tmp_path / "working"  # the notebook's output: 20 GB at most
+    cfg = TrainConfig(data_dir="d", out=str(working / "run"))
+    assert tile_cache_dir(cfg) == working / "tile-cache"
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")  # set in Kaggle's notebooks
+    assert tile_cache_dir(cfg) == scratch_dir("kaggle") / "hubmap-kit" / "tile-cache"
+    assert not tile_cache_dir(cfg).is_relative_to(working)
+    assert tile_cache_dir(replace(cfg, cache_dir=str(working / "c"))) == working / "c"
+
+
+def test_fit_writes_a_run_folder_and_refuses_another_config(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = parse(tiny_args(dataset, run, tmp_path / "cache"))
     result = fit(cfg)
+    log = capsys.readouterr().out
+    assert log.count("tile cache: ") == 1 and f"tile cache: {tmp_path / 'cache'}\n" in log
+    assert "on cpu, 0 loader workers\n" in log  # --workers 0 is kept
 
     assert sorted(p.name for p in run.iterdir()) == [
         "best.pt", "config.json", "history.csv", "last.pt"
