@@ -305,55 +305,22 @@ def fit(cfg: TrainConfig) -> dict:
 
 
 def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
-    run, device = Path(cfg.out), ctx.device
+    run = Path(cfg.out)
     state = _open_run(cfg, run, ctx)  # last.pt and the rows of finished epochs, or None
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     data = _Data.build(cfg, ctx)
-    model = _build_model(cfg).to(device)
-    net = DistributedDataParallel(model, device_ids=ctx.device_ids) if ctx.world > 1 else model
-    criterion = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = len(data.train_dl)
-    warmup, total = round(cfg.warmup_epochs * steps), cfg.epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio),
-    )
-    dtype = amp_dtype(device, cfg.amp)  # None: full precision
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history, best, start = [], {"slide_dice": -1.0, "epoch": 0}, 0
-    if state is not None:
-        ckpt, history = state
-        best, start = _restore(ckpt, model, optimizer, scheduler, scaler), ckpt["epoch"]
-        saved = ckpt.get("amp_dtype", "None")
-        switched = f" (saved with amp {saved}, now {dtype})" if saved != str(dtype) else ""
-        ctx.print(f"resuming {run} after epoch {start} of {cfg.epochs}{switched}")
-    ctx.print(data.describe(device, ctx.world))
-
+    training = _Training.build(cfg, ctx, steps=len(data.train_dl))
+    history, best, start = _resume(state, training, cfg, run, ctx)
+    ctx.print(data.describe(ctx.device, ctx.world))
     for epoch in range(start + 1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        _seed_epoch(cfg.seed, ctx.rank, epoch, data.sampler)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(
-            net, data.train_dl, criterion, optimizer, scheduler, scaler, device=device,
-            amp_dtype=dtype, grad_clip=cfg.grad_clip, progress=data.progress,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-        )  # fmt: skip
-        row["train_loss"] = ctx.mean(row["train_loss"])
-        if ctx.rank == 0:  # the others wait at the barrier while rank 0 validates and writes
-            row |= evaluate(
-                model, data.valid_dl, criterion, device=device, amp_dtype=dtype,
-                threshold=cfg.infer.threshold, progress=data.progress,
-            )  # fmt: skip
-            row["slide_dice"] = math.nan
-            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                row["slide_dice"] = _slide_dice(model, cfg, data.valid_ids, data.progress)
-            row["seconds"] = time.perf_counter() - t0
+        row = _run_epoch(epoch, cfg, ctx, data, training)
+        if row is not None:  # rank 0 writes while the others wait at the barrier
             history.append(row)
-            best = _save_epoch(run, cfg, history, best, model, optimizer, scheduler, scaler, dtype)
+            best = _save_epoch(run, cfg, history, best, training)
             ctx.print(_epoch_line(row, cfg.epochs))
         ctx.barrier()
 
+    model = training.model
     ctx.share_buffers(model)
     if ctx.rank == 0 and not (run / "best.pt").exists():
         raise ValueError(f"{run}: no epoch was validated (epochs={cfg.epochs})")
@@ -369,6 +336,34 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
         "rank": ctx.rank,
         "model": model.eval(),
     }
+
+
+def _run_epoch(
+    epoch: int, cfg: TrainConfig, ctx: _Distributed, data: _Data, training: _Training
+) -> dict | None:
+    """Train one epoch on every rank, then validate it on rank 0: its history row there (None on
+    the other ranks)."""
+    t0 = time.perf_counter()
+    _seed_epoch(cfg.seed, ctx.rank, epoch, data.sampler)
+    model, optimizer, dtype = training.model, training.optimizer, training.dtype
+    row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    row |= train_one_epoch(
+        training.net, data.train_dl, training.criterion, optimizer, training.scheduler,
+        training.scaler, device=ctx.device, amp_dtype=dtype, grad_clip=cfg.grad_clip,
+        progress=data.progress, desc=f"epoch {epoch}/{cfg.epochs}",
+    )  # fmt: skip
+    row["train_loss"] = ctx.mean(row["train_loss"])
+    if ctx.rank != 0:
+        return None
+    row |= evaluate(
+        model, data.valid_dl, training.criterion, device=ctx.device, amp_dtype=dtype,
+        threshold=cfg.infer.threshold, progress=data.progress,
+    )  # fmt: skip
+    row["slide_dice"] = math.nan
+    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+        row["slide_dice"] = _slide_dice(model, cfg, data.valid_ids, data.progress)
+    row["seconds"] = time.perf_counter() - t0
+    return row
 
 
 def split(cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -504,6 +499,35 @@ class _Data:
         )
 
 
+@dataclass
+class _Training:
+    """The network and what trains it: what last.pt saves and a resumed run restores."""
+
+    model: torch.nn.Module  # what checkpoints hold and validation runs
+    net: torch.nn.Module  # the model, in DistributedDataParallel when there are several ranks
+    criterion: BCEDiceLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped per batch
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    dtype: torch.dtype | None  # of autocast; None: full precision
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, ctx: _Distributed, steps: int) -> _Training:
+        """``steps``: batches per epoch, the unit of the learning-rate schedule."""
+        model = _build_model(cfg).to(ctx.device)
+        net = DistributedDataParallel(model, device_ids=ctx.device_ids) if ctx.world > 1 else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup, total = round(cfg.warmup_epochs * steps), cfg.epochs * steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio),
+        )
+        dtype = amp_dtype(ctx.device, cfg.amp)
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
+        criterion = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
+        return cls(model, net, criterion, optimizer, scheduler, scaler, dtype)
+
+
 def _build_model(cfg: TrainConfig) -> torch.nn.Module:
     model = build_model(cfg.model, pretrained=cfg.pretrained)
     if cfg.bn_momentum is not None:
@@ -513,7 +537,20 @@ def _build_model(cfg: TrainConfig) -> torch.nn.Module:
     return model
 
 
-def _restore(ckpt: dict, model, optimizer, scheduler, scaler) -> dict:
+def _resume(state, training: _Training, cfg: TrainConfig, run: Path, ctx: _Distributed):
+    """(history rows, best epoch so far, last finished epoch): those of ``state`` (last.pt and
+    its history), whose states are loaded into ``training``, or a fresh start's."""
+    if state is None:
+        return [], {"slide_dice": -1.0, "epoch": 0}, 0
+    ckpt, history = state
+    best = _restore(ckpt, training)
+    saved, now = ckpt.get("amp_dtype", "None"), str(training.dtype)
+    switched = f" (saved with amp {saved}, now {now})" if saved != now else ""
+    ctx.print(f"resuming {run} after epoch {ckpt['epoch']} of {cfg.epochs}{switched}")
+    return history, best, ckpt["epoch"]
+
+
+def _restore(ckpt: dict, training: _Training) -> dict:
     """Load last.pt's states in place; return the best epoch so far.
 
     The run may resume in another precision (saved on a CPU or in bf16, resumed in fp16 on a
@@ -521,23 +558,25 @@ def _restore(ckpt: dict, model, optimizer, scheduler, scaler) -> dict:
     load, so the scaler state is loaded only when there is one; an fp16 scaler then starts
     from its default scale.
     """
-    model.load_state_dict(ckpt["model_state"])
-    optimizer.load_state_dict(ckpt["optimizer_state"])
-    scheduler.load_state_dict(ckpt["scheduler_state"])
-    if ckpt.get("scaler_state") and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["scaler_state"])
+    training.model.load_state_dict(ckpt["model_state"])
+    training.optimizer.load_state_dict(ckpt["optimizer_state"])
+    training.scheduler.load_state_dict(ckpt["scheduler_state"])
+    if ckpt.get("scaler_state") and training.scaler.is_enabled():
+        training.scaler.load_state_dict(ckpt["scaler_state"])
     return {"slide_dice": ckpt["metrics"]["best_slide_dice"], "epoch": ckpt["best_epoch"]}
 
 
-def _save_epoch(run: Path, cfg, history, best, model, optimizer, scheduler, scaler, dtype) -> dict:
+def _save_epoch(
+    run: Path, cfg: TrainConfig, history: list, best: dict, training: _Training
+) -> dict:
     """Write history.csv, best.pt when the whole-slide Dice improved, then last.pt.
 
-    last.pt records the autocast dtype (``dtype``, None for full precision) the run trained in.
+    last.pt records the autocast dtype (None for full precision) the run trained in.
 
     In this order, a crash between two writes costs at most the epoch: on resume, history rows
     after last.pt's epoch are dropped and that epoch runs again.
     """
-    row = history[-1]
+    row, model = history[-1], training.model
     _write_history(run / "history.csv", history)
     metrics = {k: row[k] for k in HISTORY_FIELDS}
     if row["slide_dice"] > best["slide_dice"]:  # False for NaN (epochs not scored)
@@ -550,10 +589,10 @@ def _save_epoch(run: Path, cfg, history, best, model, optimizer, scheduler, scal
         row["epoch"],
         metrics,
         best_epoch=best["epoch"],
-        optimizer_state=optimizer.state_dict(),
-        scheduler_state=scheduler.state_dict(),
-        scaler_state=scaler.state_dict(),
-        amp_dtype=str(dtype),
+        optimizer_state=training.optimizer.state_dict(),
+        scheduler_state=training.scheduler.state_dict(),
+        scaler_state=training.scaler.state_dict(),
+        amp_dtype=str(training.dtype),
     )
     save_checkpoint(run / "last.pt", last)
     return best
