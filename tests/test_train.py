@@ -379,7 +379,8 @@ from kit.train import TrainConfig, fit
 cfg = TrainConfig(**{cfg!r})
 result = fit(cfg)
 torch.save(result["model"].state_dict(), f"{weights}/rank{{result['rank']}}.pt")
-print("rank", result["rank"], "dice", result["best_dice"])
+# One write per line: the two ranks share stdout, and print's pieces interleave.
+sys.stdout.write("rank %d dice %s\\n" % (result["rank"], result["best_dice"]))
 """
 
 
