@@ -7,7 +7,8 @@
 The cross-validation folder holds::
 
     fold0/ ... fold{K-1}/   ordinary run folders (kit.train.fit with fold=k, n_folds=K)
-    tile-cache/             the folds' shared tile cache (unless cache_dir is set)
+    tile-cache/             the folds' shared tile cache (unless cache_dir is set; on Kaggle
+                            outside /kaggle/working, see kit.train.tile_cache_dir)
     oof.csv                 a row per training slide: the fold that held it out, its whole-slide
                             Dice at the config's threshold and at each threshold of the sweep;
                             then a mean row
@@ -111,7 +112,8 @@ def fold_dir(out: str | os.PathLike, fold: int) -> Path:
 def fold_config(cfg: TrainConfig, fold: int, n_folds: int) -> TrainConfig:
     """The config of fold ``fold`` of ``n_folds``: ``cfg`` run into `fold_dir`.
 
-    With ``cache_dir`` unset the folds share one tile cache, ``tile-cache`` in ``cfg.out``.
+    With ``cache_dir`` unset the folds share one tile cache, ``tile-cache`` in ``cfg.out`` (on
+    Kaggle outside /kaggle/working: `kit.train.tile_cache_dir`).
     """
     out = str(fold_dir(cfg.out, fold))
     return replace(cfg, fold=fold, n_folds=n_folds, valid=[], out=out)

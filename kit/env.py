@@ -41,6 +41,7 @@ class Environment:
     data_dir: Path  # the competition layout: train.csv, train/, test/, sample_submission.csv
     data_source: str  # "env", "kaggle", "local" or "synthetic"
     out_dir: Path  # where runs, exports and submission.csv go
+    scratch_dir: Path  # large intermediate files (the tile cache): out_dir, except on Kaggle
 
     @property
     def synthetic(self) -> bool:
@@ -131,22 +132,25 @@ def environment(out_dir: str | os.PathLike | None = None) -> Environment:
         out_dir = KAGGLE_WORKING if kind == "kaggle" else Path("runs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return Environment(kind=kind, data_dir=data_dir, data_source=source, out_dir=out)
+    scratch = scratch_dir(kind) or out
+    return Environment(kind, data_dir, source, out, scratch)
 
 
 def scratch_dir(kind: str | None = None, kaggle_temp: Path = KAGGLE_TEMP) -> Path | None:
-    """Where large intermediate files go on Kaggle; None elsewhere (beside the outputs).
+    """The kit's folder for large intermediate files on Kaggle; None elsewhere (they go beside
+    the outputs).
 
     On Kaggle everything under /kaggle/working is the notebook's output: at most 20 GB, saved
-    with every version. ``kaggle_temp`` (``/kaggle/temp``, kept for the session only) is used
-    where it exists, else the system's temporary folder.
+    with every version. The folder is ``hubmap-kit`` in ``kaggle_temp`` (``/kaggle/temp``, kept
+    for the session only) where that exists, else in the system's temporary folder.
 
     Args:
         kind: ``"kaggle"``, ``"colab"`` or ``"local"``; default: `detect`.
     """
     if (detect() if kind is None else kind) != "kaggle":
         return None
-    return kaggle_temp if kaggle_temp.is_dir() else Path(tempfile.gettempdir())
+    temp = kaggle_temp if kaggle_temp.is_dir() else Path(tempfile.gettempdir())
+    return temp / "hubmap-kit"
 
 
 # The third-party modules the kit imports -> what provides them (tests/test_env.py keeps this

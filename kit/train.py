@@ -447,7 +447,7 @@ def tile_cache_dir(cfg: TrainConfig) -> Path:
         return Path(cfg.cache_dir)
     scratch = scratch_dir()
     if scratch is not None:
-        return scratch / "hubmap-kit" / "tile-cache"
+        return scratch / "tile-cache"
     return Path(cfg.out).resolve().parent / "tile-cache"
 
 

@@ -82,7 +82,7 @@ cfg = preset(
     "quick" if env.synthetic else "full",
     data_dir=str(env.data_dir),
     out=str(env.out_dir / "02_train"),
-    cache_dir=str(env.out_dir / "tile-cache"),  # one tile cache for the pictures and every fold
+    cache_dir=str(env.scratch_dir / "tile-cache"),  # one for the pictures and every fold
     fold=0,  # hold out the slides of fold 0 (grouped by patient); pictured below
     n_folds=None if FOLDS == 1 else FOLDS,
     progress=True,

@@ -108,6 +108,7 @@ def test_scratch_dir_on_kaggle_only_and_outside_working(tmp_path):
     temp = tmp_path / "temp"
     assert env.scratch_dir("local", kaggle_temp=temp) is None
     assert env.scratch_dir("colab", kaggle_temp=temp) is None
-    assert env.scratch_dir("kaggle", kaggle_temp=temp) == Path(tempfile.gettempdir())
+    expected = Path(tempfile.gettempdir()) / "hubmap-kit"
+    assert env.scratch_dir("kaggle", kaggle_temp=temp) == expected
     temp.mkdir()
-    assert env.scratch_dir("kaggle", kaggle_temp=temp) == temp
+    assert env.scratch_dir("kaggle", kaggle_temp=temp) == temp / "hubmap-kit"

@@ -204,7 +204,7 @@ def test_on_kaggle_the_tile_cache_defaults_outside_the_output_folder(tmp_path, m
     cfg = TrainConfig(data_dir="d", out=str(working / "run"))
     assert tile_cache_dir(cfg) == working / "tile-cache"
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")  # set in Kaggle's notebooks
-    assert tile_cache_dir(cfg) == scratch_dir("kaggle") / "hubmap-kit" / "tile-cache"
+    assert tile_cache_dir(cfg) == scratch_dir("kaggle") / "tile-cache"
     assert not tile_cache_dir(cfg).is_relative_to(working)
     assert tile_cache_dir(replace(cfg, cache_dir=str(working / "c"))) == working / "c"
 
