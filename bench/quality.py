@@ -59,6 +59,15 @@ RECIPES = {
             infer=dict(overlap=256),
         ),
     ),
+    # as quick-1024, with the Lovász hinge added to BCE + Dice (the 1st place's loss)
+    "lovasz": (
+        "quick",
+        dict(
+            lovasz_weight=1.0,
+            data=dict(window=1024, scale=4, overlap=256),
+            infer=dict(overlap=256),
+        ),
+    ),
     # the `cpu` preset (kit.train.PRESETS)
     "cpu": ("cpu", dict()),
 }

@@ -110,6 +110,7 @@ class TrainConfig:
     min_lr_ratio: float = option(0.01, "the cosine ends at lr * min_lr_ratio")
     bce_weight: float = option(0.8, "weight of BCE in the loss")
     dice_weight: float = option(0.2, "weight of soft Dice in the loss")
+    lovasz_weight: float = option(0.0, "weight of the Lovász hinge in the loss (1st place: 1)")
     grad_clip: float | None = option(1.0, "max gradient norm (none: no clipping)")
     amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
     seed: int = option(0, "model init, data order, augmentation and tile selection")
@@ -524,7 +525,7 @@ class _Training:
         )
         dtype = amp_dtype(ctx.device, cfg.amp)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
-        criterion = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
+        criterion = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, lovasz_weight=cfg.lovasz_weight)
         return cls(model, net, criterion, optimizer, scheduler, scaler, dtype)
 
 

@@ -466,3 +466,15 @@ def test_an_epoch_reads_from_the_device_a_fixed_number_of_times():
     start = time.perf_counter()
     shown = host_reads_of_an_epoch(9, progress=True)  # a bar reads the loss every BAR_SECONDS
     assert shown <= few + 1 + (time.perf_counter() - start) // BAR_SECONDS
+
+
+def test_the_lovasz_weight_reaches_the_training_loss(dataset, tmp_path):
+    # Same data, seed and first steps: only the loss differs, by the Lovász term (>= 0).
+    losses = []
+    for weight in ("0", "1"):
+        argv = tiny_args(dataset, tmp_path / f"l{weight}", tmp_path / "cache", epochs=1)
+        cfg = parse([*argv, "--lovasz-weight", weight, "--eval-every", "1"])
+        assert cfg.lovasz_weight == float(weight)
+        fit(cfg)
+        losses.append(float(read_history(tmp_path / f"l{weight}")[0]["train_loss"]))
+    assert losses[1] > losses[0] + 0.01
