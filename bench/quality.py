@@ -68,6 +68,11 @@ RECIPES = {
             infer=dict(overlap=256),
         ),
     ),
+    # as quick-1024, validating and saving an exponential moving average of the weights
+    "ema": (
+        "quick",
+        dict(ema=0.995, data=dict(window=1024, scale=4, overlap=256), infer=dict(overlap=256)),
+    ),
     # the `cpu` preset (kit.train.PRESETS)
     "cpu": ("cpu", dict()),
 }

@@ -37,7 +37,7 @@ CHECKPOINT_FORMAT = "hubmap-kit/1"
 CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
 RUN_FILES = ("config.json", "history.csv")
 # Checkpoint entries only resuming training needs: left out of an export (they triple its size).
-TRAINING_STATE = ("optimizer_state", "scheduler_state", "scaler_state")
+TRAINING_STATE = ("optimizer_state", "scheduler_state", "scaler_state", "raw_model_state")
 
 _EXPECTED = (
     f"A kit checkpoint is the best.pt or last.pt that `python -m kit train` writes: a dict "

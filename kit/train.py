@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kit import atomic
@@ -112,6 +113,9 @@ class TrainConfig:
     dice_weight: float = option(0.2, "weight of soft Dice in the loss")
     lovasz_weight: float = option(0.0, "weight of the Lovász hinge in the loss (1st place: 1)")
     grad_clip: float | None = option(1.0, "max gradient norm (none: no clipping)")
+    # An exponential moving average of the weights (the 2nd place: 0.995), updated every step,
+    # BatchNorm statistics included: it is what validation scores and checkpoints hold.
+    ema: float | None = option(None, "EMA decay of the weights, e.g. 0.995 (none: off)")
     amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
     seed: int = option(0, "model init, data order, augmentation and tile selection")
     eval_every: int = option(1, "whole-slide validation every n epochs (and the last)")
@@ -131,6 +135,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
         self.valid = list(self.valid)
         self.data = DataConfig(**{**_as_dict(self.data), "seed": self.seed})
         shared = {name: getattr(self.data, name) for name in SHARED_FIELDS}
@@ -229,8 +235,11 @@ def train_one_epoch(
     grad_clip=None,
     progress=False,
     desc="train",
+    after_step=None,
 ) -> dict:
     """One pass over ``loader``; returns the mean loss and the throughput in tiles/s.
+
+    ``after_step``: called after each optimizer step (e.g. to update an average of the weights).
 
     The loss is summed on the device and read once, at the end (a shown bar reads it every
     `BAR_SECONDS`): a read per step would make the CPU wait for the GPU at every step.
@@ -252,6 +261,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         loss_mean.update(loss, len(images))
         seen += len(images)
         if not bar.disable and time.perf_counter() - shown >= BAR_SECONDS:
@@ -321,7 +332,7 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
             ctx.print(_epoch_line(row, cfg.epochs))
         ctx.barrier()
 
-    model = training.model
+    model = training.weights
     ctx.share_buffers(model)
     if ctx.rank == 0 and not (run / "best.pt").exists():
         raise ValueError(f"{run}: no epoch was validated (epochs={cfg.epochs})")
@@ -352,10 +363,12 @@ def _run_epoch(
         training.net, data.train_dl, training.criterion, optimizer, training.scheduler,
         training.scaler, device=ctx.device, amp_dtype=dtype, grad_clip=cfg.grad_clip,
         progress=data.progress, desc=f"epoch {epoch}/{cfg.epochs}",
+        after_step=training.update_average if training.ema is not None else None,
     )  # fmt: skip
     row["train_loss"] = ctx.mean(row["train_loss"])
     if ctx.rank != 0:
         return None
+    model = training.weights
     row |= evaluate(
         model, data.valid_dl, training.criterion, device=ctx.device, amp_dtype=dtype,
         threshold=cfg.infer.threshold, progress=data.progress,
@@ -511,6 +524,15 @@ class _Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped per batch
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     dtype: torch.dtype | None  # of autocast; None: full precision
+    ema: AveragedModel | None  # the moving average of the model, with cfg.ema
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        """What validation scores and checkpoints hold: the average with EMA, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def update_average(self) -> None:
+        self.ema.update_parameters(self.model)
 
     @classmethod
     def build(cls, cfg: TrainConfig, ctx: _Distributed, steps: int) -> _Training:
@@ -526,7 +548,11 @@ class _Training:
         dtype = amp_dtype(ctx.device, cfg.amp)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
         criterion = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight, lovasz_weight=cfg.lovasz_weight)
-        return cls(model, net, criterion, optimizer, scheduler, scaler, dtype)
+        ema = None
+        if cfg.ema is not None:
+            average = get_ema_multi_avg_fn(cfg.ema)
+            ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+        return cls(model, net, criterion, optimizer, scheduler, scaler, dtype, ema)
 
 
 def _build_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -559,7 +585,11 @@ def _restore(ckpt: dict, training: _Training) -> dict:
     load, so the scaler state is loaded only when there is one; an fp16 scaler then starts
     from its default scale.
     """
-    training.model.load_state_dict(ckpt["model_state"])
+    # With EMA, model_state is the average (what inference uses) and raw_model_state the model.
+    training.model.load_state_dict(ckpt.get("raw_model_state") or ckpt["model_state"])
+    if training.ema is not None:
+        training.ema.module.load_state_dict(ckpt["model_state"])
+        training.ema.n_averaged.fill_(ckpt["ema_steps"])
     training.optimizer.load_state_dict(ckpt["optimizer_state"])
     training.scheduler.load_state_dict(ckpt["scheduler_state"])
     if ckpt.get("scaler_state") and training.scaler.is_enabled():
@@ -577,7 +607,7 @@ def _save_epoch(
     In this order, a crash between two writes costs at most the epoch: on resume, history rows
     after last.pt's epoch are dropped and that epoch runs again.
     """
-    row, model = history[-1], training.model
+    row, model = history[-1], training.weights
     _write_history(run / "history.csv", history)
     metrics = {k: row[k] for k in HISTORY_FIELDS}
     if row["slide_dice"] > best["slide_dice"]:  # False for NaN (epochs not scored)
@@ -594,6 +624,7 @@ def _save_epoch(
         scheduler_state=training.scheduler.state_dict(),
         scaler_state=training.scaler.state_dict(),
         amp_dtype=str(training.dtype),
+        **_averaging_state(training),
     )
     save_checkpoint(run / "last.pt", last)
     return best
@@ -619,6 +650,14 @@ def _train_loader(ds: TileDataset, cfg: TrainConfig, ctx: _Distributed, workers:
         drop_last=per_rank > cfg.batch_size,
     )
     return loader, sampler
+
+
+def _averaging_state(training: _Training) -> dict:
+    """With EMA, what resuming needs besides the average: the model itself and the step count."""
+    if training.ema is None:
+        return {}
+    raw = {k: v.detach().to("cpu", copy=True) for k, v in training.model.state_dict().items()}
+    return {"raw_model_state": raw, "ema_steps": int(training.ema.n_averaged)}
 
 
 def _slide_dice(model, cfg: TrainConfig, ids: list[str], progress: bool) -> float:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from kit.checkpoint import load_model, read_checkpoint
+from kit.checkpoint import export_model, load_model, read_checkpoint
 from kit.cli import add_train_arguments, config_from_args
 from kit.competition import Competition
 from kit.data import DataConfig
@@ -326,7 +326,8 @@ def wait_for_saved_epoch(proc: subprocess.Popen, run: Path, log: Path, timeout: 
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path):
+@pytest.mark.parametrize("averaging", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path, averaging):
     epochs, cache = 4, tmp_path / "cache"
     # Fresh processes with one thread each, on the CPU (tiny_args): the killed run and the
     # reference then reduce in the same order, so their numbers can be compared closely.
@@ -335,7 +336,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path):
     kit_train = [sys.executable, "-m", "kit", "train"]
 
     def train(out, *extra):
-        return [*kit_train, *tiny_args(dataset, out, cache, epochs), *extra]
+        return [*kit_train, *tiny_args(dataset, out, cache, epochs), *averaging, *extra]
 
     run, log = tmp_path / "killed", tmp_path / "killed.log"
     with open(log, "w") as out:
@@ -363,9 +364,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path):
     assert [float(r["train_loss"]) for r in rows] == pytest.approx(
         [float(r["train_loss"]) for r in read_history(ref)], rel=1e-4
     )
-    resumed = read_checkpoint(run / "last.pt")["model_state"]
-    for key, value in read_checkpoint(ref / "last.pt")["model_state"].items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    resumed, reference_ckpt = read_checkpoint(run / "last.pt"), read_checkpoint(ref / "last.pt")
+    states = ("model_state", "raw_model_state") if averaging else ("model_state",)
+    for state in states:  # with EMA: the average and the model it averages
+        for key, value in reference_ckpt[state].items():
+            torch.testing.assert_close(resumed[state][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    if averaging:
+        assert resumed["ema_steps"] == reference_ckpt["ema_steps"] > 0
 
     other = subprocess.run(
         train(run, "--lr", "0.5"), cwd=tmp_path, env=env, capture_output=True, text=True
@@ -478,3 +483,22 @@ def test_the_lovasz_weight_reaches_the_training_loss(dataset, tmp_path):
         fit(cfg)
         losses.append(float(read_history(tmp_path / f"l{weight}")[0]["train_loss"]))
     assert losses[1] > losses[0] + 0.01
+
+
+def test_ema_weights_are_what_validation_scores_and_checkpoints_hold(dataset, tmp_path):
+    cfg = parse([*tiny_args(dataset, tmp_path / "r", tmp_path / "cache", epochs=1), "--ema", "0.5"])
+    result = fit(cfg)
+    last = read_checkpoint(tmp_path / "r" / "last.pt")
+    best = read_checkpoint(tmp_path / "r" / "best.pt")
+    assert last["config"]["ema"] == 0.5 and last["ema_steps"] > 0
+    returned = result["model"].state_dict()
+    differs = 0
+    for key, value in last["model_state"].items():
+        torch.testing.assert_close(best["model_state"][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(returned[key], value, rtol=0, atol=0)
+        differs += not torch.equal(value, last["raw_model_state"][key])
+    assert differs > 0  # the average is not the model
+    exported = export_model(tmp_path / "r", tmp_path / "export", user="someone", which="last")
+    assert "raw_model_state" not in read_checkpoint(exported / "last.pt")
+    with pytest.raises(ValueError, match="ema must be a decay"):
+        preset("quick", ema=1.0)
