@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from kit.slides import Slide
+
 TIFF_LAYOUTS = ("rgb", "planes", "grey", "rgba")
 
 
@@ -80,3 +82,21 @@ def random_image(shape: tuple[int, ...], dtype=np.uint8, seed: int = 0) -> np.nd
 def random_image_fixture():
     """The `random_image(shape, dtype=np.uint8, seed=0)` helper."""
     return random_image
+
+
+class RecordingSlide(Slide):
+    """A `Slide` that records each plane read as (y0, y1, x0, x1) in ``reads``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.reads: list[tuple[int, int, int, int]] = []
+        super().__init__(*args, **kwargs)
+
+    def read_planes(self, rows, cols, scale=1):
+        self.reads.append((rows.start, rows.stop, cols.start, cols.stop))
+        return super().read_planes(rows, cols, scale)
+
+
+@pytest.fixture(name="recording_slide")
+def recording_slide_fixture():
+    """The `RecordingSlide` class: a Slide listing what it was asked to read."""
+    return RecordingSlide

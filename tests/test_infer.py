@@ -187,22 +187,16 @@ def test_reading_threads_do_not_change_the_result(tmp_path, write_tiff):
 
 @pytest.mark.parametrize("tile", [(64, 64), None])
 @pytest.mark.parametrize("tissue", [False, True])
-def test_the_slide_is_decoded_once(tmp_path, write_tiff, tissue, tile):
+def test_the_slide_is_decoded_once(tmp_path, write_tiff, recording_slide, tissue, tile):
     # Neighbouring column strips overlap; the shared columns are kept, not read again, and the
     # tissue test needs no thumbnail pass: every pixel of the padded plan is requested once.
     # A file in strips (tile None) is read in full-width row bands: each strip decoded once.
     image = smooth_image((301, 517), seed=4)
     path = write_tiff(tmp_path / "s.tiff", image, tile=tile)
     cfg = InferConfig(window=128, overlap=32, scale=4, tissue=tissue, batch_size=3)
-    reads = []
-
-    class RecordingSlide(Slide):
-        def read_planes(self, rows, cols, scale=1):
-            reads.append((rows.start, rows.stop, cols.start, cols.stop))
-            return super().read_planes(rows, cols, scale)
-
-    with RecordingSlide(path) as slide:
+    with recording_slide(path) as slide:
         mask = predict_slide(slide, pointwise, cfg)
+    reads = slide.reads
     np.testing.assert_array_equal(mask, (reference_probs(image, cfg) > 0.5).astype(np.uint8))
     tiles = plan(image.shape[:2], 128, 32, align=4)
     height, width = max(t.y1 for t in tiles), max(t.x1 for t in tiles)

@@ -337,20 +337,16 @@ def test_thumbnail_without_overviews_is_the_exact_read_in_any_chunking(
 
 @pytest.mark.parametrize(("tile", "scale"), [((64, 48), 3), ((16, 16), 64), (None, 4)])
 @pytest.mark.parametrize("budget", [1, 5000, 10**6])
-def test_thumbnail_chunks_decode_each_block_once(tmp_path, write_tiff, rgb, tile, scale, budget):
+def test_thumbnail_chunks_decode_each_block_once(
+    tmp_path, write_tiff, recording_slide, rgb, tile, scale, budget
+):
     # Every chunk starts on a multiple of the scale and, where the file's blocks allow, on a
     # block edge: no block (or strip) is split between two chunks, so each is decoded once.
     path = write_tiff(tmp_path / "t.tiff", rgb, tile=tile, rowsperstrip=16)
-    reads = []
-
-    class RecordingSlide(Slide):
-        def read_planes(self, rows, cols, scale=1):
-            reads.append((rows.start, rows.stop, cols.start, cols.stop))
-            return super().read_planes(rows, cols, scale)
-
-    with RecordingSlide(path) as slide:
+    with recording_slide(path) as slide:
         slide.thumbnail(scale, chunk_pixels=budget)
         block_h, block_w = slide.block_shape
+    reads = slide.reads
     hits = np.zeros((H, W), np.int64)
     for y0, y1, x0, x1 in reads:
         hits[y0:y1, x0:x1] += 1
