@@ -266,6 +266,7 @@ def _wheels(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+# One straight list of the subcommands and their options: it reads best whole.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kit",
