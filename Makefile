@@ -23,7 +23,7 @@ demo: $(VENV)/.kit
 
 test: $(VENV)/.dev lint
 	$(PY) -m pytest tests/
-	MPLBACKEND=Agg $(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks/
+	MPLBACKEND=Agg $(PY) -m pytest --nbmake --nbmake-timeout=1500 notebooks/
 
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -m "not slow" tests/
