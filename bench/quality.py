@@ -37,8 +37,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from kit.competition import Competition
 from kit.synthetic import default_dataset
 from kit.train import fit, preset
 
@@ -115,8 +117,9 @@ def subset_view(data: Path, keep: list[str], out: Path) -> Path:
             and not (out / "train" / path.name).exists()
         ):
             (out / "train" / path.name).symlink_to(path.resolve())
-    table = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
-    table[table["id"].isin(keep)].to_csv(out / "train.csv", index=False)
+    comp = Competition(data)  # the one reader of the competition folder
+    rows = [(i, comp.truth(i)) for i in comp.train_ids if i in keep]
+    pd.DataFrame(rows, columns=["id", "encoding"]).to_csv(out / "train.csv", index=False)
     return out
 
 
@@ -150,9 +153,7 @@ def cv_ensemble(name: str, data: Path, seed: int, fold: int, out: Path, epochs: 
         again = evaluate_slides(
             view, loaded.predictor, own["id"].tolist(), loaded.cfg, progress=False
         )
-        recomputed.append(
-            float((again["dice"].to_numpy() - own["dice"].to_numpy()).__abs__().max())
-        )
+        recomputed.append(float(np.abs(again["dice"].to_numpy() - own["dice"].to_numpy()).max()))
     ensemble = load_predictor([run])
     tuned = evaluate_slides(data, ensemble.predictor, held_out, ensemble.cfg, progress=False)
     at_own = replace(ensemble.cfg, threshold=probe.infer.threshold)

@@ -38,7 +38,7 @@ from kit.progress import tile_bar
 from kit.rle import parse
 from kit.slides import Slide
 
-__all__ = ["check_submission", "read_ids", "share_slides", "write_submission"]
+__all__ = ["check_submission", "read_ids", "read_submission", "share_slides", "write_submission"]
 
 HEADER = "id,predicted"
 # Config fields that cannot change a prediction: left out of the resume fingerprint.
@@ -155,7 +155,7 @@ def check_submission(csv: str | os.PathLike, data_dir: str | os.PathLike) -> Non
         header = fh.readline().rstrip("\r\n")
     if header != HEADER:
         raise ValueError(f"{csv}: header is {header!r}, expected {HEADER!r}")
-    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    frame = read_submission(csv)
     expected = read_ids(data_dir)
     got = frame["id"].tolist()
     if len(got) != len(expected):
@@ -177,6 +177,11 @@ def check_submission(csv: str | os.PathLike, data_dir: str | os.PathLike) -> Non
             parse(rle, shape)
         except ValueError as e:
             raise ValueError(f"{csv}: row {row}, id {slide_id} (shape {shape}): {e}") from e
+
+
+def read_submission(csv: str | os.PathLike) -> pd.DataFrame:
+    """A submission file as strings (``id``, ``predicted``; an empty mask stays ``""``)."""
+    return pd.read_csv(csv, dtype=str, keep_default_na=False)
 
 
 def read_ids(data_dir: str | os.PathLike) -> list[str]:

@@ -46,7 +46,6 @@ if importlib.util.find_spec("kit") is None:
 importlib.import_module("kit.env").check_imports()
 
 # %%
-import pandas as pd
 
 from kit import eda, plots
 from kit.competition import Competition
@@ -54,7 +53,7 @@ from kit.device import default_device
 from kit.ensemble import describe, find_model, load_predictor
 from kit.env import KAGGLE_INPUT, environment
 from kit.slides import Slide
-from kit.submit import check_submission, write_submission
+from kit.submit import check_submission, read_submission, write_submission
 from kit.train import fit, preset
 
 # %% [markdown]
@@ -102,7 +101,7 @@ cfg
 # %%
 write_submission(env.data_dir, model.predictor, OUT, cfg, fingerprint=model.fingerprint)
 check_submission(OUT, env.data_dir)  # header, ids and order, every RLE valid for its slide
-submission = pd.read_csv(OUT, dtype=str, keep_default_na=False)
+submission = read_submission(OUT)
 submission.assign(predicted=submission["predicted"].str.slice(0, 60))
 
 # %% [markdown]
