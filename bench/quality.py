@@ -17,6 +17,11 @@ an epoch) takes a few minutes; every recipe over 3 seeds is of the order of an h
 differences are paired: the same held-out slides, the same data order) and add seeds until the
 spread of the paired differences is below 0.01; the per-seed Dice are printed for that.
 
+``--cortex-filter`` scores every trained model a second time with ``InferConfig.cortex_only``
+(predictions outside the slide's Cortex polygons zeroed) as a ``RECIPE+cortex-filter`` row: the
+same model, so the difference from the recipe's row is the filter's alone, at the cost of one
+more whole-slide evaluation instead of a training run.
+
 ``--cv-ensemble RECIPE`` measures cross-validation and its ensemble instead: the held-out
 patients' slides are set aside, `kit.cv.run_cv` trains every fold on the other training slides
 (a view of the dataset without them), and the held-out slides are scored by each fold model and
@@ -81,7 +86,7 @@ RECIPES = {
 
 
 def run_recipe(name: str, data: Path, seed: int, fold: int, out: Path, epochs: int | None):
-    """Train one recipe for one seed; returns ``(held-out whole-slide Dice, seconds)``."""
+    """Train one recipe for one seed: ``(held-out whole-slide Dice, seconds, fit's result)``."""
     base, overrides = RECIPES[name]
     overrides = {**overrides, **({"epochs": epochs} if epochs else {})}
     cfg = preset(base, **overrides)
@@ -101,7 +106,20 @@ def run_recipe(name: str, data: Path, seed: int, fold: int, out: Path, epochs: i
     )
     start = time.perf_counter()
     result = fit(cfg)
-    return float(result["best_dice"]), time.perf_counter() - start
+    return float(result["best_dice"]), time.perf_counter() - start, result
+
+
+def cortex_filtered(result: dict, data: Path) -> float:
+    """Held-out whole-slide Dice of the run's model again, predictions outside the Cortex zeroed.
+
+    The same model as the recipe's own row: the difference is the filter's alone (paired)."""
+    from kit.ensemble import load_predictor
+    from kit.evaluate import evaluate_slides, mean_dice
+
+    loaded = load_predictor([result["best_path"]])
+    cfg = replace(loaded.cfg, cortex_only=True)
+    scores = evaluate_slides(data, loaded.predictor, result["valid_ids"], cfg, progress=False)
+    return float(mean_dice(scores)["dice"])
 
 
 def subset_view(data: Path, keep: list[str], out: Path) -> Path:
@@ -185,6 +203,11 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--epochs", type=int, help="override every recipe's epochs")
     parser.add_argument("--out", type=Path, help="run folders (default: a temporary folder)")
     parser.add_argument("--cv-ensemble", choices=list(RECIPES), help="cross-validation mode")
+    parser.add_argument(
+        "--cortex-filter",
+        action="store_true",
+        help="also score each trained model with InferConfig.cortex_only (a '+cortex-filter' row)",
+    )
     args = parser.parse_args(argv)
     data = args.data or default_dataset(profile="realistic")
     if args.cv_ensemble:
@@ -194,9 +217,16 @@ def main(argv=None) -> pd.DataFrame:
         rows = []
         for name in args.recipes:
             for seed in args.seeds:
-                dice, seconds = run_recipe(name, data, seed, args.fold, out, args.epochs)
+                dice, seconds, result = run_recipe(name, data, seed, args.fold, out, args.epochs)
                 rows.append({"recipe": name, "seed": seed, "dice": dice, "seconds": seconds})
                 print(f"{name} seed {seed}: dice {dice:.4f} in {seconds:.0f} s", flush=True)
+                if args.cortex_filter:
+                    start = time.perf_counter()
+                    dice = cortex_filtered(result, data)
+                    seconds = time.perf_counter() - start
+                    rows.append({"recipe": f"{name}+cortex-filter", "seed": seed, "dice": dice,
+                                 "seconds": seconds})  # fmt: skip
+                    print(f"{name}+cortex-filter seed {seed}: dice {dice:.4f}", flush=True)
     table = summarise(pd.DataFrame(rows))
     print(f"\nheld-out whole-slide Dice, {data}, fold {args.fold}, seeds {args.seeds}")
     print(table.to_string())
