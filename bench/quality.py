@@ -17,6 +17,10 @@ an epoch) takes a few minutes; every recipe over 3 seeds is of the order of an h
 differences are paired: the same held-out slides, the same data order) and add seeds until the
 spread of the paired differences is below 0.01; the per-seed Dice are printed for that.
 
+With ``--out DIR`` every finished (recipe, seed) is appended to DIR/results.csv with a digest of
+its config, and a later run with the same DIR reuses those rows instead of training again: a long
+table can be built over several sessions, or by two processes on disjoint recipes.
+
 ``--cortex-filter`` scores every trained model a second time with ``InferConfig.cortex_only``
 (predictions outside the slide's Cortex polygons zeroed) as a ``RECIPE+cortex-filter`` row: the
 same model, so the difference from the recipe's row is the filter's alone, at the cost of one
@@ -37,14 +41,17 @@ sections merged field by field), so a later issue adds a recipe with one line.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from kit.atomic import write_text
 from kit.competition import Competition
 from kit.synthetic import default_dataset
 from kit.train import fit, preset
@@ -85,13 +92,13 @@ RECIPES = {
 }
 
 
-def run_recipe(name: str, data: Path, seed: int, fold: int, out: Path, epochs: int | None):
-    """Train one recipe for one seed: ``(held-out whole-slide Dice, seconds, fit's result)``."""
+def recipe_config(name: str, data: Path, seed: int, fold: int, out: Path, epochs: int | None):
+    """The TrainConfig of one run of recipe ``name``."""
     base, overrides = RECIPES[name]
     overrides = {**overrides, **({"epochs": epochs} if epochs else {})}
-    cfg = preset(base, **overrides)
+    epochs = preset(base, **overrides).epochs
     # validate only after the last epoch: the figure is the final model's, not a selected one
-    cfg = preset(
+    return preset(
         base,
         **overrides,
         data_dir=str(data),
@@ -100,10 +107,21 @@ def run_recipe(name: str, data: Path, seed: int, fold: int, out: Path, epochs: i
         group_by="patient",
         fold=fold,
         seed=seed,
-        eval_every=cfg.epochs,
+        eval_every=epochs,
         resume=False,
         progress=False,
     )
+
+
+def config_digest(cfg) -> str:
+    """What a run's result depends on: its config without the folders it writes to."""
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("out", "cache_dir", "progress")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_recipe(name: str, data: Path, seed: int, fold: int, out: Path, epochs: int | None):
+    """Train one recipe for one seed: ``(held-out whole-slide Dice, seconds, fit's result)``."""
+    cfg = recipe_config(name, data, seed, fold, out, epochs)
     start = time.perf_counter()
     result = fit(cfg)
     return float(result["best_dice"]), time.perf_counter() - start, result
@@ -214,23 +232,62 @@ def main(argv=None) -> pd.DataFrame:
         return main_cv(args, data)
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         out = args.out or Path(tmp)
+        results = Results(out / "results.csv")
         rows = []
         for name in args.recipes:
             for seed in args.seeds:
-                dice, seconds, result = run_recipe(name, data, seed, args.fold, out, args.epochs)
-                rows.append({"recipe": name, "seed": seed, "dice": dice, "seconds": seconds})
-                print(f"{name} seed {seed}: dice {dice:.4f} in {seconds:.0f} s", flush=True)
-                if args.cortex_filter:
-                    start = time.perf_counter()
-                    dice = cortex_filtered(result, data)
-                    seconds = time.perf_counter() - start
-                    rows.append({"recipe": f"{name}+cortex-filter", "seed": seed, "dice": dice,
-                                 "seconds": seconds})  # fmt: skip
-                    print(f"{name}+cortex-filter seed {seed}: dice {dice:.4f}", flush=True)
+                rows += run_or_reuse(name, seed, data, out, results, args)
     table = summarise(pd.DataFrame(rows))
     print(f"\nheld-out whole-slide Dice, {data}, fold {args.fold}, seeds {args.seeds}")
     print(table.to_string())
     return table
+
+
+class Results:
+    """The rows of finished runs in ``--out``/results.csv, so an interrupted or extended table
+    (more recipes, more seeds) reruns only what is missing. A row is reused only for the same
+    config digest (recipe definition, seed, fold, epochs, data folder)."""
+
+    COLUMNS = ["recipe", "seed", "dice", "seconds", "digest"]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = (
+            pd.read_csv(path, dtype={"digest": str})
+            if path.exists()
+            else pd.DataFrame(columns=self.COLUMNS)
+        )
+
+    def get(self, recipe: str, digest: str) -> dict | None:
+        hit = self.rows[(self.rows["recipe"] == recipe) & (self.rows["digest"] == digest)]
+        return None if hit.empty else hit.iloc[-1].to_dict()
+
+    def add(self, row: dict) -> None:
+        self.rows = pd.concat([self.rows, pd.DataFrame([row])], ignore_index=True)
+        write_text(self.path, self.rows.to_csv(index=False))
+
+
+def run_or_reuse(name: str, seed: int, data: Path, out: Path, results: Results, args) -> list:
+    """The rows of one (recipe, seed): from results.csv when there, else trained and scored."""
+    digest = config_digest(recipe_config(name, data, seed, args.fold, out, args.epochs))
+    wanted = [name, *([f"{name}+cortex-filter"] if args.cortex_filter else [])]
+    found = [results.get(recipe, digest) for recipe in wanted]
+    if all(found):
+        for row in found:
+            print(f"{row['recipe']} seed {seed}: dice {row['dice']:.4f} (results.csv)")
+        return found
+    dice, seconds, result = run_recipe(name, data, seed, args.fold, out, args.epochs)
+    rows = [{"recipe": name, "seed": seed, "dice": dice, "seconds": seconds, "digest": digest}]
+    print(f"{name} seed {seed}: dice {dice:.4f} in {seconds:.0f} s", flush=True)
+    if args.cortex_filter:
+        start = time.perf_counter()
+        dice = cortex_filtered(result, data)
+        rows.append({"recipe": f"{name}+cortex-filter", "seed": seed, "dice": dice,
+                     "seconds": time.perf_counter() - start, "digest": digest})  # fmt: skip
+        print(f"{name}+cortex-filter seed {seed}: dice {dice:.4f}", flush=True)
+    for row in rows:
+        results.add(row)
+    return rows
 
 
 def main_cv(args, data: Path) -> pd.DataFrame:
