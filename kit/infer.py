@@ -460,7 +460,9 @@ class Probabilities:
         if device.type == "cuda":
             x = x.pin_memory()
         x = x.to(device, non_blocking=True).float().div_(255)
-        views = torch.cat([x.flip(dims) if dims else x for dims in self.flips])
+        views = (
+            torch.cat([x.flip(dims) if dims else x for dims in self.flips]) if self.flips[1:] else x
+        )
         amp = device.type == "cuda" and self.amp is not False
         # Grad and autocast modes are thread-wide: entered per call, never held across the
         # caller's yield, so the consumer's code runs in its own modes.
@@ -474,6 +476,8 @@ class Probabilities:
                 f"{tuple(views.shape)}, got {got}"
             )
         p = sigmoid(logits.float().cpu().numpy())
+        if len(self.flips) == 1:
+            return p[:, 0]
         n = len(windows)
         total = np.zeros((n, 1, *p.shape[2:]), np.float64)
         for k, dims in enumerate(self.flips):
@@ -494,8 +498,11 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     a pixel takes depends on the array's size and the pixel's place in it; rounded to float32
     once, the float64 result does not, so windows match the whole image bit for bit.
     """
-    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -709: the probability is 0
-        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    x = np.negative(logits, dtype=np.float64)  # the same operations as 1 / (1 + exp(-x)),
+    with np.errstate(over="ignore"):  # in place; exp(-x) = inf for x < -709: probability 0
+        np.exp(x, out=x)
+    x += 1.0
+    return np.reciprocal(x, out=x)
 
 
 def _check_callables(predictor, on_progress) -> None:
