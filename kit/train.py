@@ -58,6 +58,7 @@ from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore, Mean
 from kit.model import build_model
 from kit.progress import progress_bar, show_progress
+from kit.pseudo import PseudoLabels, read_pseudo_labels
 
 # Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).
 DEFAULT_FOLDS = 4
@@ -97,6 +98,8 @@ class TrainConfig:
     fold: int = option(0, "hold out this fold of a grouped k-fold (0-based)")
     n_folds: int | None = option(None, f"folds (default {DEFAULT_FOLDS}, or one per group)")
     group_by: str | None = option(None, "patient or slide (default: patient if several)")
+    # Test slides labelled by a submission (kit.pseudo): training slides in every fold.
+    pseudo: str = option("", "submission CSV whose test slides join the training slides")
     model: str = option("fcn_resnet50", "kit.model name, e.g. fcn_resnet50")
     pretrained: str | None = option(None, "'auto' (local torchvision files), a .pth file or none")
     # torchvision's MobileNetV3 uses 0.01: its running statistics then lag far behind the weights
@@ -318,9 +321,10 @@ def fit(cfg: TrainConfig) -> dict:
 
 def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
     run = Path(cfg.out)
-    state = _open_run(cfg, run, ctx)  # last.pt and the rows of finished epochs, or None
+    labels = read_pseudo_labels(cfg.pseudo, cfg.data_dir) if cfg.pseudo else None
+    state = _open_run(cfg, run, ctx, labels)  # last.pt and the rows of finished epochs, or None
     _seed_everything(cfg.seed)  # the same initial weights on every rank
-    data = _Data.build(cfg, ctx)
+    data = _Data.build(cfg, ctx, labels)
     training = _Training.build(cfg, ctx, steps=len(data.train_dl))
     history, best, start = _resume(state, training, cfg, run, ctx)
     ctx.print(data.describe(ctx.device, ctx.world))
@@ -442,12 +446,21 @@ def fold_setup(
     return n_folds, groups, notes
 
 
-def tile_caches(cfg: TrainConfig, ids: list[str], progress: bool | None = None) -> list[Path]:
+def tile_caches(
+    cfg: TrainConfig,
+    ids: list[str],
+    progress: bool | None = None,
+    labels: PseudoLabels | None = None,
+) -> list[Path]:
     """The tile cache folders of slides ``ids`` for this run's settings, built where missing.
 
-    They are in `tile_cache_dir`.
+    They are in `tile_cache_dir`. Slides of ``labels`` (pseudo-labelled test slides) get
+    their masks from it.
     """
-    return build_tile_caches(cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress)
+    masks = labels.masks if labels is not None else None
+    return build_tile_caches(
+        cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress, masks=masks
+    )
 
 
 def tile_cache_dir(cfg: TrainConfig) -> Path:
@@ -480,17 +493,22 @@ class _Data:
     progress: bool  # show bars (rank 0 only)
 
     @classmethod
-    def build(cls, cfg: TrainConfig, ctx: _Distributed) -> _Data:
+    def build(cls, cfg: TrainConfig, ctx: _Distributed, labels: PseudoLabels | None) -> _Data:
+        """``labels``: pseudo-labelled test slides, added to the training slides."""
         train_slides, valid_slides, notes = _split(cfg)
         for note in notes:  # the run's first lines: how unset fold settings fit the data
             ctx.print(note)
+        if labels is not None:
+            train_slides += labels.ids
+            ctx.print(f"pseudo-labelled test slides from {labels.csv}: {labels.ids}")
         progress = show_progress(cfg.progress) and ctx.rank == 0
         ctx.print(f"tile cache: {tile_cache_dir(cfg)}")
         # Rank 0 builds the caches; the others then find them complete instead of racing.
         if ctx.rank == 0:
-            tile_caches(cfg, train_slides + valid_slides, progress=progress)
+            tile_caches(cfg, train_slides + valid_slides, progress=progress, labels=labels)
         ctx.barrier()
-        train_ds = TileDataset(tile_caches(cfg, train_slides, progress=False), train_transforms())
+        train_folders = tile_caches(cfg, train_slides, progress=False, labels=labels)
+        train_ds = TileDataset(train_folders, train_transforms())
         valid_ds = TileDataset(tile_caches(cfg, valid_slides, progress=False), eval_transforms())
         workers = cfg.workers
         if workers is None:
@@ -681,15 +699,21 @@ def _epoch_line(row: dict, epochs: int) -> str:
 # --------------------------------------------------------------------------- run folder
 
 
-def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed):
+def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed, labels: PseudoLabels | None):
     """Check the run folder against ``cfg``; return (last checkpoint, history rows) to resume.
 
-    Every rank reads; only rank 0 writes, after the others have read.
+    config.json holds the config (``train``) and, with pseudo-labels, their file, digest and
+    slides (``pseudo``): a run resumes only with the same file content. Every rank reads; only
+    rank 0 writes, after the others have read.
     """
     saved = _read_json(run / "config.json")
     state = None
+    pseudo = labels.record() if labels is not None else None
     if saved is not None and cfg.resume:
         diff = config_diff(saved.get("train", {}), asdict(cfg))
+        before = (saved.get("pseudo") or {}).get("sha256")
+        if before != (pseudo or {}).get("sha256"):
+            diff.append(f"pseudo-label file sha256: {before} -> {(pseudo or {}).get('sha256')}")
         if diff:
             raise ValueError(
                 f"{run} holds a run with another config ({'; '.join(diff)}): use another --out, "
@@ -703,7 +727,7 @@ def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed):
     if ctx.rank == 0 and state is None:
         for name in ("history.csv", "best.pt", "last.pt"):
             (run / name).unlink(missing_ok=True)
-        document = {"train": asdict(cfg)}
+        document = {"train": asdict(cfg), **({"pseudo": pseudo} if pseudo else {})}
         atomic.write_text(run / "config.json", json.dumps(document, indent=1))
     ctx.barrier()
     return state
