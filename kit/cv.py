@@ -62,7 +62,8 @@ def run_cv(cfg: TrainConfig, folds: int | None = None) -> pd.DataFrame | None:
 
     Returns:
         On rank 0, the out-of-fold table: one row per training slide, grouped by fold (``id``,
-        ``fold``, ``dice``, ``dice@t`` per threshold, ``pred_px``, ``true_px``, ``seconds``),
+        ``fold``, ``dice``, ``dice@t`` per threshold, ``pred_px``, ``true_px``, ``both_px``,
+        ``seconds``),
         as in oof.csv without its mean row; None on the other ranks of a torchrun job.
 
     Raises:
@@ -175,7 +176,7 @@ def _out_of_fold(cfg: TrainConfig, held_out: list[list[str]]) -> pd.DataFrame:
 def _write_oof(path: Path, table: pd.DataFrame) -> None:
     """oof.csv: the table, then a ``mean`` row of its Dice columns (the others left empty)."""
     rows = pd.concat([table, pd.DataFrame([{"id": "mean", **mean_dice(table)}])])
-    counts = ["fold", "pred_px", "true_px"]  # integers, with the mean row's empty cells
+    counts = ["fold", "pred_px", "true_px", "both_px"]  # integers, with the mean row's empty cells
     rows[counts] = rows[counts].astype("Int64")
     atomic.write_text(path, rows.to_csv(index=False))
 
