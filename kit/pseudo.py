@@ -28,7 +28,7 @@ from kit.rle import parse
 from kit.slides import Slide
 from kit.submit import read_submission
 
-__all__ = ["PseudoLabels", "read_pseudo_labels"]
+__all__ = ["PseudoLabels", "file_digest", "read_pseudo_labels"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,12 @@ def read_pseudo_labels(csv: str | os.PathLike, data_dir: str | os.PathLike) -> P
             parse(rle, shape)
         except ValueError as err:
             raise ValueError(f"{csv}: row {row}, id {slide_id} (shape {shape}): {err}") from err
-    return PseudoLabels(csv, hashlib.sha256(csv.read_bytes()).hexdigest(), masks)
+    return PseudoLabels(csv, file_digest(csv), masks)
+
+
+def file_digest(csv: str | os.PathLike) -> str:
+    """The sha256 of a pseudo-label file's bytes (`PseudoLabels.sha256`)."""
+    return hashlib.sha256(Path(csv).read_bytes()).hexdigest()
 
 
 def _read(csv: Path):

@@ -10,7 +10,7 @@ import pytest
 
 from kit.cli import add_train_arguments, config_from_args
 from kit.competition import Competition
-from kit.cv import fold_config
+from kit.cv import fold_config, fold_finished
 from kit.data import downscale_mask
 from kit.pseudo import read_pseudo_labels
 from kit.rle import encode
@@ -141,8 +141,10 @@ def test_pseudo_slides_train_with_the_csv_masks_and_are_never_held_out(dataset, 
         window = padded[r.y0 + 128 : r.y1 + 128, r.x0 + 128 : r.x1 + 128]
         np.testing.assert_array_equal(masks[k], downscale_mask(window, 2), err_msg=str(k))
 
-    # Another file content: the run refuses to resume with it.
+    # Another file content: the run refuses to resume with it; as a fold, it is not finished.
+    assert fold_finished(cfg)
     write_csv(csv, [(pseudo, "")])
+    assert not fold_finished(cfg)
     with pytest.raises(ValueError, match="pseudo-label file sha256"):
         fit(cfg)
 
