@@ -36,8 +36,9 @@ to bench/predict.py's cache (``$TMPDIR/kit-bench``).
       batch 8/32/64, autocast fp16 and bf16, channels_last off and on: windows/s and
       ``torch.cuda.max_memory_allocated``;
     - end to end: `kit.infer.predict_slide_rle` with fcn_resnet50, TTA off and on, inference
-      batch 8 and 32 (Mpx/s), and the GPU's idle share: the model's calls timed between
-      ``torch.cuda.synchronize`` calls (a wrapping predictor) against the wall time.
+      batch 8, 16 (InferConfig's default) and 32 (Mpx/s), and the GPU's idle share: the
+      model's calls timed between ``torch.cuda.synchronize`` calls (a wrapping predictor)
+      against the wall time.
 (c) Training throughput (~1 min): the quick preset's model stepped by `kit.train.train_one_epoch`
     (bf16 autocast, AdamW, warmup + cosine) on the mini dataset's tile cache, batch 16 and 32,
     scale 4 and 2 (the preset's 256 px windows: 64 and 128 px tiles), DataLoader workers 0, 2
@@ -125,7 +126,7 @@ class Sizes:
 GPU_SIZES = Sizes(
     epochs=2, train_batch=None, slide=6144, window=1024, scale=4, overlap=256, repeat=2,
     models=("fcn_resnet50", "lraspp_mobilenet_v3_large"), e2e_model="fcn_resnet50",
-    model_input=256, model_batches=(8, 32, 64), min_seconds=0.5, infer_batches=(8, 32),
+    model_input=256, model_batches=(8, 32, 64), min_seconds=0.5, infer_batches=(8, 16, 32),
     train_batches=(16, 32), train_scales=(4, 2), train_workers=(0, 2, 4), warmup_steps=10,
     steps=50,
 )  # fmt: skip

@@ -34,6 +34,16 @@ out-of-fold threshold; and at the recipe's own threshold). It also recomputes ea
 out-of-fold Dice from the fold checkpoints and prints the largest difference from oof.csv.
 A seed of ``quick-1024`` with 4 epochs takes about 15 minutes on 2 cores.
 
+Pseudo-labels (`kit.pseudo`, ``--pseudo``) are no recipe here: they need a submission of the
+test slides first, made by a trained model. Measure them by hand, the same fold and seed twice::
+
+    python -m kit train --data DIR --out runs/r1 --preset cpu --fold 0 --seed 0
+    python -m kit predict --data DIR --weights runs/r1/best.pt --out runs/r1/submission.csv
+    python -m kit train --data DIR --out runs/r2 --preset cpu --fold 0 --seed 0 \
+        --pseudo runs/r1/submission.csv
+
+and compare the two runs' held-out whole-slide Dice (their last lines), over several seeds.
+
 The recipes are `kit.train.preset` overrides (top-level fields, and ``data`` / ``infer``
 sections merged field by field), so a later issue adds a recipe with one line.
 """

@@ -25,6 +25,7 @@ and rank 0 alone scores and writes.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from kit.evaluate import (
     format_report,
     mean_dice,
 )
+from kit.pseudo import file_digest
 from kit.train import TrainConfig, config_diff, fit, fold_setup, process_group, split
 
 __all__ = ["OOF", "fold_config", "fold_dir", "fold_finished", "run_cv"]
@@ -62,7 +64,8 @@ def run_cv(cfg: TrainConfig, folds: int | None = None) -> pd.DataFrame | None:
 
     Returns:
         On rank 0, the out-of-fold table: one row per training slide, grouped by fold (``id``,
-        ``fold``, ``dice``, ``dice@t`` per threshold, ``pred_px``, ``true_px``, ``seconds``),
+        ``fold``, ``dice``, ``dice@t`` per threshold, ``pred_px``, ``true_px``, ``both_px``,
+        ``seconds``),
         as in oof.csv without its mean row; None on the other ranks of a torchrun job.
 
     Raises:
@@ -125,14 +128,20 @@ def fold_finished(cfg: TrainConfig) -> bool:
     `fit` writes each epoch's history.csv, then best.pt (when the Dice improved), then last.pt:
     a last.pt of the final epoch is the last thing a finished run writes, and it records the
     config it was trained with. A run of another config is not finished (`fit` then refuses it,
-    naming the fields), nor is any run when ``cfg.resume`` is False (it starts over).
+    naming the fields), nor is any run when ``cfg.resume`` is False (it starts over), nor one
+    whose pseudo-label file has changed since (config.json holds its digest).
     """
     run = Path(cfg.out)
     best, last = run / CHECKPOINTS["best"], run / CHECKPOINTS["last"]
     if not (cfg.resume and best.is_file() and last.is_file()):
         return False
     ckpt = read_checkpoint(last)
-    return ckpt["epoch"] == cfg.epochs and not config_diff(ckpt["config"], asdict(cfg))
+    if ckpt["epoch"] != cfg.epochs or config_diff(ckpt["config"], asdict(cfg)):
+        return False
+    if not cfg.pseudo:
+        return True
+    saved = json.loads((run / "config.json").read_text()).get("pseudo") or {}
+    return Path(cfg.pseudo).is_file() and saved.get("sha256") == file_digest(cfg.pseudo)
 
 
 def _plan(cfg: TrainConfig, folds: int | None) -> tuple[list[list[str]], list[str]]:
@@ -175,7 +184,7 @@ def _out_of_fold(cfg: TrainConfig, held_out: list[list[str]]) -> pd.DataFrame:
 def _write_oof(path: Path, table: pd.DataFrame) -> None:
     """oof.csv: the table, then a ``mean`` row of its Dice columns (the others left empty)."""
     rows = pd.concat([table, pd.DataFrame([{"id": "mean", **mean_dice(table)}])])
-    counts = ["fold", "pred_px", "true_px"]  # integers, with the mean row's empty cells
+    counts = ["fold", "pred_px", "true_px", "both_px"]  # integers, with the mean row's empty cells
     rows[counts] = rows[counts].astype("Int64")
     atomic.write_text(path, rows.to_csv(index=False))
 

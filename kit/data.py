@@ -96,14 +96,24 @@ MaskStrip = Callable[[slice], np.ndarray]
 
 
 def mask_source(
-    data_dir: str | os.PathLike, slide_id: str, shape: tuple[int, int], source: str = "rle"
+    data_dir: str | os.PathLike,
+    slide_id: str,
+    shape: tuple[int, int],
+    source: str = "rle",
+    rle: str | None = None,
 ) -> tuple[MaskStrip, str]:
     """The slide's ground truth as a column-strip reader, and a digest of where it comes from.
 
     Returns ``(strip, digest)``: ``strip(cols)`` gives the uint8 (H, cols width) 0/1 mask of those
     columns (``cols`` within the slide), without building the whole mask (a real slide's mask is
     about 1 GB). ``digest`` changes whenever the annotation does (cache key).
+
+    ``rle``: the mask itself (a pseudo-label of a test slide, `kit.pseudo`) instead of
+    ``source``; its digest differs from that of the same RLE as ground truth.
     """
+    if rle is not None:
+        runs = parse(rle, shape)
+        return (lambda cols: decode_columns(runs, shape, cols)), _digest(b"pseudo:" + rle.encode())
     comp = Competition(data_dir)
     if source == "rle":
         rle = comp.truth(slide_id)
@@ -229,6 +239,7 @@ def build_tile_cache(
     cache_dir: str | os.PathLike,
     *,
     progress: bool | None = None,
+    rle: str | None = None,
 ) -> Path:
     """Return the cache folder of a slide's tiles, building it first when missing or stale.
 
@@ -237,11 +248,12 @@ def build_tile_cache(
     ``manifest.json`` (the key and the inputs it hashes). It is built in a temporary folder and
     renamed into place, so a crash leaves no half-written cache behind.
     ``progress=None`` shows a bar on a terminal or in Jupyter (`kit.progress.show_progress`).
+    ``rle``: the slide's mask given (a pseudo-label, see `mask_source`) instead of its truth.
     """
     path = Competition(data_dir).slide_path(slide_id)
     with Slide(path) as slide:
         shape = slide.shape
-    strip, digest = mask_source(data_dir, slide_id, shape, cfg.mask_source)
+    strip, digest = mask_source(data_dir, slide_id, shape, cfg.mask_source, rle)
     key, inputs = cache_key(path, digest, cfg)
     cache_dir = Path(cache_dir)
     folder = cache_dir / f"{slide_id}-{key[:16]}"
@@ -349,9 +361,15 @@ def build_tile_caches(
     cache_dir: str | os.PathLike,
     *,
     progress: bool | None = None,
+    masks: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """``build_tile_cache`` for each slide id, in order."""
-    return [build_tile_cache(data_dir, i, cfg, cache_dir, progress=progress) for i in ids]
+    """``build_tile_cache`` for each slide id, in order; ``masks``: slide id -> RLE given
+    instead of the truth (pseudo-labels)."""
+    masks = masks or {}
+    return [
+        build_tile_cache(data_dir, i, cfg, cache_dir, progress=progress, rle=masks.get(i))
+        for i in ids
+    ]
 
 
 def _manifest_key(folder: Path) -> str | None:

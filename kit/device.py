@@ -19,12 +19,14 @@ import torch
 __all__ = [
     "amp_dtype",
     "available_cpus",
+    "channels_last",
     "check_gpu",
     "default_device",
     "has_kernels",
     "native_bf16",
     "rank_device",
     "torchrun_place",
+    "tune_convolutions",
 ]
 
 
@@ -171,3 +173,23 @@ def rank_device(
     if real:
         check_gpu(dev)
     return dev
+
+
+def channels_last(device: torch.device, wanted: bool | None = None) -> bool:
+    """Whether to run convolutions on ``device`` in the channels_last memory format.
+
+    ``wanted`` None: on CUDA only, where fp16/bf16 convolutions of NHWC tensors run on the
+    tensor cores without a layout change per layer; on the CPU it is given, never the default.
+    """
+    return device.type == "cuda" if wanted is None else bool(wanted)
+
+
+def tune_convolutions(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the
+    fastest (``torch.backends.cudnn.benchmark``); nothing elsewhere.
+
+    Worth it when the shapes repeat: inference windows all have one size (a slide's last batch
+    may be smaller: one more timing), and so do training tiles.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -33,6 +33,7 @@ import torch
 
 from kit import atomic
 from kit.checkpoint import CHECKPOINTS, fingerprint, load_model
+from kit.device import channels_last
 from kit.infer import Ensemble, InferConfig, Member, Predictor, config_from_checkpoint
 
 __all__ = [
@@ -189,6 +190,9 @@ def load_predictor(
         checkpoints.append({k: v for k, v in ckpt.items() if not k.endswith("_state")})
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = config_from_checkpoint(checkpoints[0], **{**settings, **given, "device": device})
+    for model in models:  # once here, rather than by cuDNN at every call (kit.infer.Probabilities)
+        if channels_last(next(model.parameters()).device, cfg.channels_last):
+            model.to(memory_format=torch.channels_last)
     prints = [fingerprint(p) for p in paths]
     if len(models) == 1 and weights == [1.0]:
         return Loaded(models[0], cfg, prints[0], paths, checkpoints)

@@ -59,8 +59,9 @@ def evaluate_slides(
 
     Returns:
         One row per slide: ``id``, ``dice`` (at ``cfg.threshold``), ``dice@t`` per threshold,
-        ``pred_px`` and ``true_px`` (foreground pixels at ``cfg.threshold`` and in the truth),
-        ``seconds`` (and ``rle`` with ``keep_rle``).
+        ``pred_px``, ``true_px`` and ``both_px`` (foreground pixels at ``cfg.threshold``, in the
+        truth, in both: ``dice`` is `kit.metrics.dice_from_counts` of them), ``seconds`` (and
+        ``rle`` with ``keep_rle``).
 
     Raises:
         ValueError: an id not in train.csv (named), or repeated ids.
@@ -157,10 +158,12 @@ def _score_slide(
         **{f"dice@{t:g}": scores[t] for t in thresholds},
         "pred_px": int(sweep.pred_sum[at]),
         "true_px": int(sweep.target_sum),
+        "both_px": int(sweep.intersection[at]),
         "seconds": round(time.perf_counter() - start, 2),
         **({"rle": encoder.finish()} if encoder else {}),
     }
 
 
 def _columns(thresholds: Sequence[float]) -> list[str]:
-    return ["id", "dice", *(f"dice@{t:g}" for t in thresholds), "pred_px", "true_px", "seconds"]
+    dice = ["dice", *(f"dice@{t:g}" for t in thresholds)]
+    return ["id", *dice, "pred_px", "true_px", "both_px", "seconds"]

@@ -53,7 +53,7 @@ from torch import nn
 
 from kit.competition import Polygon
 from kit.config import option
-from kit.device import amp_dtype
+from kit.device import amp_dtype, channels_last, tune_convolutions
 from kit.merge import UPSAMPLE_MODES, StripMerger, upsample
 from kit.polygons import rasterize
 from kit.rle import RleEncoder
@@ -100,7 +100,13 @@ class InferConfig:
     threshold: float = option(0.5, "mask = probability > threshold")
     tta: bool = option(False, "average probabilities over identity, hflip, vflip and hvflip")
     upsample: str = option("bilinear", "bilinear (align_corners=False) or nearest")
-    batch_size: int = option(8, "windows per batch (with tta the predictor sees 4x as many)")
+    # fcn_resnet50 (the `full` preset) on 256 px windows holds at most ~29 MB of activations
+    # per window in float32 without gradients (measured on the CPU, batch 1 and 4: linear), half
+    # that under fp16 autocast. 16 windows with TTA (64 through the model) then need ~1.8 GB
+    # above the ~100 MB of weights even in float32: a margin on a 16 GB T4 even while a training
+    # run holds its own memory (validation), and enough to keep the GPU busy. Not yet timed on a
+    # T4: bench/gpu.py (b) measures 8, 16 and 32 end to end (and the model alone up to 64).
+    batch_size: int = option(16, "windows per batch (with tta the predictor sees 4x as many)")
     tissue: bool = option(True, "tiles whose core shows no tissue are 0, never predicted")
     # The 2nd place's post-processing; the polygons come from the competition folder
     # (kit.submit / kit.evaluate ask kit.competition), a slide without them is left as it is.
@@ -110,6 +116,10 @@ class InferConfig:
     min_tissue: float = option(MIN_TISSUE, "tiles whose core's tissue fraction is <= this skip")
     device: str | torch.device | None = option(None, "cpu, cuda ... (default: the predictor's)")
     amp: bool | None = option(None, "CUDA autocast (bf16 on Ampere+, else fp16); default: on CUDA")
+    # NHWC lets fp16/bf16 convolutions use the tensor cores with no layout change per layer.
+    channels_last: bool | None = option(
+        None, "feed the predictor channels_last windows (default: on CUDA only)"
+    )
     # workers: 0 reads in the calling thread, otherwise one reader thread with its own Slide
     # (strips are decoded in order, each column once; GDAL decodes with GDAL_THREADS).
     workers: int = option(1, "slide reader threads (0: read in the calling thread)")
@@ -153,16 +163,19 @@ def resolve_config(cfg: InferConfig | None = None, **overrides) -> InferConfig:
 def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
     """The inference settings a kit checkpoint was trained and validated with.
 
-    Takes ``window``, ``scale``, ``overlap``, ``threshold``, ``tta``, ``cortex_only`` and
-    ``min_tissue`` (the tissue rule its negatives were chosen by) from the checkpoint's
-    ``config``: its ``infer`` section (kit.train.TrainConfig), or the flat fields of
-    checkpoints written before it had
-    sections. Missing ones keep `InferConfig`'s defaults; then ``overrides`` apply, an override
-    of None ignored, so command-line options can be passed through as they are.
+    Takes ``window``, ``scale``, ``overlap``, ``threshold``, ``tta``, ``cortex_only``,
+    ``min_tissue`` (the tissue rule its negatives were chosen by) and ``batch_size`` from the
+    checkpoint's ``config``: its ``infer`` section (kit.train.TrainConfig), or the flat fields
+    of checkpoints written before it had sections (``infer_batch_size`` there). Missing ones
+    keep `InferConfig`'s defaults; then ``overrides`` apply, an override of None ignored, so
+    command-line options can be passed through as they are.
     """
     trained = checkpoint.get("config") or {}
+    if "infer" not in trained and "infer_batch_size" in trained:
+        trained = {**trained, "batch_size": trained["infer_batch_size"]}
     trained = trained.get("infer", trained)  # flat: the overlap, threshold... of inference
     names = ("window", "scale", "overlap", "threshold", "tta", "min_tissue", "cortex_only")
+    names += ("batch_size",)
     base = {name: trained[name] for name in names if trained.get(name) is not None}
     given = {name: value for name, value in overrides.items() if value is not None}
     return resolve_config(InferConfig(**base), **given)
@@ -288,7 +301,9 @@ def _strips(
         cfg, align = dataclasses.replace(cfg, scale=predictor.scale), predictor.align
         if cfg.window % align:
             raise ValueError(f"window {cfg.window} is not a multiple of member scale {align}")
-    step = Probabilities(predictor, device=cfg.device, tta=cfg.tta, amp=cfg.amp)
+    step = Probabilities(
+        predictor, device=cfg.device, tta=cfg.tta, amp=cfg.amp, channels_last=cfg.channels_last
+    )
     with _opened(source) as slide, _eval_mode(predictor):
         splitter = Splitter(
             slide,
@@ -415,6 +430,12 @@ class Probabilities:
         tta: average the probabilities over identity, hflip, vflip and hvflip (un-flipped). The
             four views go through a predictor as one batch of 4N.
         amp: CUDA autocast (`kit.device.amp_dtype`); None: on when the device is CUDA.
+        channels_last: the windows go to the predictor in the channels_last memory format
+            (`kit.device.channels_last`; None: on CUDA only). A module's convolutions then run
+            in it: cuDNN converts the weights itself, or `kit.ensemble.load_predictor` has.
+
+    On CUDA, cuDNN picks its fastest algorithms for the window size once
+    (`kit.device.tune_convolutions`): every batch but a slide's last has one shape.
 
     Windows travel as uint8 (a quarter of float32's bytes; pinned on CUDA, so the copy is
     asynchronous) and become float on the device. The logits come back in one copy per batch
@@ -428,6 +449,7 @@ class Probabilities:
         device: str | torch.device | None = None,
         tta: bool = False,
         amp: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         ensemble = (
             predictor if isinstance(predictor, Ensemble) else Ensemble([Member(predictor, 1)])
@@ -441,6 +463,9 @@ class Probabilities:
         ]  # fmt: skip
         self.flips = _FLIPS if tta else _FLIPS[:1]
         self.amp = amp
+        self.channels_last = channels_last
+        for _, member_device, _, _ in self.members:
+            tune_convolutions(member_device)
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """uint8 (N, 3, h, w) RGB -> float32 (N, h, w) probabilities."""
@@ -463,6 +488,8 @@ class Probabilities:
         views = (
             torch.cat([x.flip(dims) if dims else x for dims in self.flips]) if self.flips[1:] else x
         )
+        if channels_last(device, self.channels_last):
+            views = views.contiguous(memory_format=torch.channels_last)
         amp = device.type == "cuda" and self.amp is not False
         # Grad and autocast modes are thread-wide: entered per call, never held across the
         # caller's yield, so the consumer's code runs in its own modes.

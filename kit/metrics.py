@@ -33,7 +33,7 @@ def dice(pred: Array, target: Array) -> float:
     Shape:
         - pred, target: any shape, equal ((N, 1, h, w) against (N, h, w) is accepted).
     """
-    return _dice_from_counts(*binary_counts(pred, target))
+    return dice_from_counts(*binary_counts(pred, target))
 
 
 def binary_counts(pred: Array, target: Array, chunk: int = _CHUNK) -> tuple[int, int, int]:
@@ -99,7 +99,7 @@ class DiceScore:
 
     def compute(self) -> float:
         """Dice of all masks seen; 1.0 when nothing (or nothing but empty masks) was seen."""
-        return _dice_from_counts(*self.stats.tolist())
+        return dice_from_counts(*self.stats.tolist())
 
 
 class Mean:
@@ -178,7 +178,7 @@ class ThresholdSweep:
     def compute(self) -> dict[float, float]:
         """Dice per threshold, in increasing threshold order."""
         return {
-            th: _dice_from_counts(int(i), int(p), self.target_sum)
+            th: dice_from_counts(int(i), int(p), self.target_sum)
             for th, i, p in zip(self.thresholds, self.intersection, self.pred_sum, strict=True)
         }
 
@@ -208,7 +208,11 @@ def _checked(counts: list[int]) -> tuple[int, int, int]:
     return tuple(counts[:3])
 
 
-def _dice_from_counts(intersection: int, pred_sum: int, target_sum: int) -> float:
+def dice_from_counts(intersection: int, pred_sum: int, target_sum: int) -> float:
+    """Dice from the three counts (`binary_counts`): 2 I / (P + T), 1.0 when both are 0.
+
+    Counts of several processes summed first give the Dice of all they saw, exactly.
+    """
     total = pred_sum + target_sum
     return 1.0 if total == 0 else 2.0 * intersection / total
 

@@ -13,6 +13,10 @@ command again after a crash continues from ``last.pt``: only the epoch in progre
 Model selection uses the submission path itself (``kit.evaluate.evaluate_slides``): whole slides,
 full resolution, the same tiling and threshold as the final prediction. A cheaper tile-level Dice
 on the held-out tiles is logged every epoch.
+
+Under torchrun each rank builds the tile caches of its share of the slides and scores its share
+of the held-out slides; their pixel counts are summed, so every rank gets the Dice one process
+would. Waits and those sums go through a gloo group, which sleeps where NCCL spins a core.
 """
 
 from __future__ import annotations
@@ -55,16 +59,18 @@ from kit.device import amp_dtype, available_cpus, rank_device
 from kit.env import scratch_dir
 from kit.infer import InferConfig
 from kit.losses import BCEDiceLoss
-from kit.metrics import DiceScore, Mean
+from kit.metrics import DiceScore, Mean, dice_from_counts
 from kit.model import build_model
 from kit.progress import progress_bar, show_progress
+from kit.pseudo import PseudoLabels, read_pseudo_labels
+from kit.submit import share_slides
 
 # Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).
 DEFAULT_FOLDS = 4
 # Fields that change how a run executes but not what it computes: a resumed run may differ in them.
 RUNTIME_FIELDS = (
     "resume", "workers", "device", "progress", "cache_dir",
-    "infer.device", "infer.workers", "infer.prefetch",
+    "infer.device", "infer.workers", "infer.prefetch", "infer.batch_size", "infer.channels_last",
 )  # fmt: skip
 # Inference settings set once, in the data section: the model predicts the windows it learned on.
 SHARED_FIELDS = ("window", "scale", "min_tissue", "tissue_saturation")
@@ -97,6 +103,8 @@ class TrainConfig:
     fold: int = option(0, "hold out this fold of a grouped k-fold (0-based)")
     n_folds: int | None = option(None, f"folds (default {DEFAULT_FOLDS}, or one per group)")
     group_by: str | None = option(None, "patient or slide (default: patient if several)")
+    # Test slides labelled by a submission (kit.pseudo): training slides in every fold.
+    pseudo: str = option("", "submission CSV whose test slides join the training slides")
     model: str = option("fcn_resnet50", "kit.model name, e.g. fcn_resnet50")
     pretrained: str | None = option(None, "'auto' (local torchvision files), a .pth file or none")
     # torchvision's MobileNetV3 uses 0.01: its running statistics then lag far behind the weights
@@ -318,9 +326,10 @@ def fit(cfg: TrainConfig) -> dict:
 
 def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
     run = Path(cfg.out)
-    state = _open_run(cfg, run, ctx)  # last.pt and the rows of finished epochs, or None
+    labels = read_pseudo_labels(cfg.pseudo, cfg.data_dir) if cfg.pseudo else None
+    state = _open_run(cfg, run, ctx, labels)  # last.pt and the rows of finished epochs, or None
     _seed_everything(cfg.seed)  # the same initial weights on every rank
-    data = _Data.build(cfg, ctx)
+    data = _Data.build(cfg, ctx, labels)
     training = _Training.build(cfg, ctx, steps=len(data.train_dl))
     history, best, start = _resume(state, training, cfg, run, ctx)
     ctx.print(data.describe(ctx.device, ctx.world))
@@ -353,8 +362,9 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
 def _run_epoch(
     epoch: int, cfg: TrainConfig, ctx: _Distributed, data: _Data, training: _Training
 ) -> dict | None:
-    """Train one epoch on every rank, then validate it on rank 0: its history row there (None on
-    the other ranks)."""
+    """Train one epoch on every rank, then validate it: the held-out tiles on rank 0, the
+    held-out slides shared among the ranks. Returns its history row on rank 0 (None on the
+    others)."""
     t0 = time.perf_counter()
     _seed_epoch(cfg.seed, ctx.rank, epoch, data.sampler)
     model, optimizer, dtype = training.model, training.optimizer, training.dtype
@@ -366,18 +376,20 @@ def _run_epoch(
         after_step=training.update_average if training.ema is not None else None,
     )  # fmt: skip
     row["train_loss"] = ctx.mean(row["train_loss"])
-    if ctx.rank != 0:
-        return None
     model = training.weights
-    row |= evaluate(
-        model, data.valid_dl, training.criterion, device=ctx.device, amp_dtype=dtype,
-        threshold=cfg.infer.threshold, progress=data.progress,
-    )  # fmt: skip
+    whole = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+    if whole:  # every rank scores the weights rank 0 saves (before its tiles: no wait there)
+        ctx.share_buffers(model)
+    if ctx.rank == 0:
+        row |= evaluate(
+            model, data.valid_dl, training.criterion, device=ctx.device, amp_dtype=dtype,
+            threshold=cfg.infer.threshold, progress=data.progress,
+        )  # fmt: skip
     row["slide_dice"] = math.nan
-    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-        row["slide_dice"] = _slide_dice(model, cfg, data.valid_ids, data.progress)
+    if whole:
+        row["slide_dice"] = _slide_dice(model, cfg, data.valid_ids, data.progress, ctx)
     row["seconds"] = time.perf_counter() - t0
-    return row
+    return row if ctx.rank == 0 else None
 
 
 def split(cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -442,12 +454,21 @@ def fold_setup(
     return n_folds, groups, notes
 
 
-def tile_caches(cfg: TrainConfig, ids: list[str], progress: bool | None = None) -> list[Path]:
+def tile_caches(
+    cfg: TrainConfig,
+    ids: list[str],
+    progress: bool | None = None,
+    labels: PseudoLabels | None = None,
+) -> list[Path]:
     """The tile cache folders of slides ``ids`` for this run's settings, built where missing.
 
-    They are in `tile_cache_dir`.
+    They are in `tile_cache_dir`. Slides of ``labels`` (pseudo-labelled test slides) get
+    their masks from it.
     """
-    return build_tile_caches(cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress)
+    masks = labels.masks if labels is not None else None
+    return build_tile_caches(
+        cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress, masks=masks
+    )
 
 
 def tile_cache_dir(cfg: TrainConfig) -> Path:
@@ -480,17 +501,24 @@ class _Data:
     progress: bool  # show bars (rank 0 only)
 
     @classmethod
-    def build(cls, cfg: TrainConfig, ctx: _Distributed) -> _Data:
+    def build(cls, cfg: TrainConfig, ctx: _Distributed, labels: PseudoLabels | None) -> _Data:
+        """``labels``: pseudo-labelled test slides, added to the training slides."""
         train_slides, valid_slides, notes = _split(cfg)
         for note in notes:  # the run's first lines: how unset fold settings fit the data
             ctx.print(note)
+        if labels is not None:
+            train_slides += labels.ids
+            ctx.print(f"pseudo-labelled test slides from {labels.csv}: {labels.ids}")
         progress = show_progress(cfg.progress) and ctx.rank == 0
         ctx.print(f"tile cache: {tile_cache_dir(cfg)}")
-        # Rank 0 builds the caches; the others then find them complete instead of racing.
-        if ctx.rank == 0:
-            tile_caches(cfg, train_slides + valid_slides, progress=progress)
+        # Each rank builds the caches of its share of the slides (a cache is placed whole, by
+        # one rename: kit.data.build_tile_cache); then every rank finds them all complete.
+        slides = train_slides + valid_slides
+        mine = [slides[k] for k in slide_share(cfg, slides, ctx.rank, ctx.world)]
+        tile_caches(cfg, mine, progress=progress, labels=labels)
         ctx.barrier()
-        train_ds = TileDataset(tile_caches(cfg, train_slides, progress=False), train_transforms())
+        train_folders = tile_caches(cfg, train_slides, progress=False, labels=labels)
+        train_ds = TileDataset(train_folders, train_transforms())
         valid_ds = TileDataset(tile_caches(cfg, valid_slides, progress=False), eval_transforms())
         workers = cfg.workers
         if workers is None:
@@ -660,13 +688,33 @@ def _averaging_state(training: _Training) -> dict:
     return {"raw_model_state": raw, "ema_steps": int(training.ema.n_averaged)}
 
 
-def _slide_dice(model, cfg: TrainConfig, ids: list[str], progress: bool) -> float:
-    """Mean full-resolution Dice of the held-out slides through the submission path."""
+def _slide_dice(model, cfg: TrainConfig, ids: list[str], progress: bool, ctx) -> float:
+    """Mean full-resolution Dice of the held-out slides through the submission path.
+
+    Each rank scores its share of the slides (`slide_share`); their pixel counts, summed over
+    the ranks, give every rank each slide's Dice, exactly as one process computes it.
+    """
     from kit.evaluate import evaluate_slides
 
+    mine = slide_share(cfg, ids, ctx.rank, ctx.world)
     infer_cfg = replace(cfg.infer, device=str(next(model.parameters()).device))
-    table = evaluate_slides(cfg.data_dir, model.eval(), ids, infer_cfg, (), progress=progress)
-    return float(table["dice"].mean())
+    table = evaluate_slides(
+        cfg.data_dir, model.eval(), [ids[k] for k in mine], infer_cfg, (), progress=progress
+    )
+    counts = np.zeros((len(ids), 3), np.int64)
+    counts[mine] = table[["both_px", "pred_px", "true_px"]].to_numpy(np.int64)
+    counts = ctx.sum(counts)
+    return float(np.mean([dice_from_counts(*row) for row in counts.tolist()]))
+
+
+def slide_share(cfg: TrainConfig, ids: list[str], rank: int, world: int) -> list[int]:
+    """Indices of the slides ``ids`` that process ``rank`` of ``world`` works on (builds their
+    tile caches, validates them): `kit.submit.share_slides`, largest TIFFs first, to the
+    process with the fewest bytes so far; all of them when ``world`` is 1."""
+    if world == 1:
+        return list(range(len(ids)))
+    paths = Competition(cfg.data_dir).slide_paths(ids)
+    return share_slides([paths[i] for i in ids], world)[rank]
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -681,15 +729,21 @@ def _epoch_line(row: dict, epochs: int) -> str:
 # --------------------------------------------------------------------------- run folder
 
 
-def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed):
+def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed, labels: PseudoLabels | None):
     """Check the run folder against ``cfg``; return (last checkpoint, history rows) to resume.
 
-    Every rank reads; only rank 0 writes, after the others have read.
+    config.json holds the config (``train``) and, with pseudo-labels, their file, digest and
+    slides (``pseudo``): a run resumes only with the same file content. Every rank reads; only
+    rank 0 writes, after the others have read.
     """
     saved = _read_json(run / "config.json")
     state = None
+    pseudo = labels.record() if labels is not None else None
     if saved is not None and cfg.resume:
         diff = config_diff(saved.get("train", {}), asdict(cfg))
+        before = (saved.get("pseudo") or {}).get("sha256")
+        if before != (pseudo or {}).get("sha256"):
+            diff.append(f"pseudo-label file sha256: {before} -> {(pseudo or {}).get('sha256')}")
         if diff:
             raise ValueError(
                 f"{run} holds a run with another config ({'; '.join(diff)}): use another --out, "
@@ -703,7 +757,7 @@ def _open_run(cfg: TrainConfig, run: Path, ctx: _Distributed):
     if ctx.rank == 0 and state is None:
         for name in ("history.csv", "best.pt", "last.pt"):
             (run / name).unlink(missing_ok=True)
-        document = {"train": asdict(cfg)}
+        document = {"train": asdict(cfg), **({"pseudo": pseudo} if pseudo else {})}
         atomic.write_text(run / "config.json", json.dumps(document, indent=1))
     ctx.barrier()
     return state
@@ -791,6 +845,8 @@ class _Distributed:
     device: torch.device
     device_ids: list[int] | None
     owner: bool = False  # this start made the process group: its stop ends it
+    # A gloo group beside an NCCL one, for waits and host tensors; None: the default group.
+    host: dist.ProcessGroup | None = None
 
     @classmethod
     def start(cls, device: str | None) -> _Distributed:
@@ -803,16 +859,31 @@ class _Distributed:
         if owner:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            # Rank 0 validates whole slides while the others wait: allow for long validations.
+            # Ranks wait for each other's share of the tile caches and of the held-out slides,
+            # and for rank 0's checkpoints: allow for long waits.
             dist.init_process_group(
                 "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2)
             )
         ids = [dev.index] if dev.type == "cuda" else None
-        return cls(rank, world, local_world, dev, ids, owner)
+        host = None
+        if world > 1 and dist.get_backend() != "gloo":
+            # Every rank calls new_group, in the same order: each fit (and process_group) does.
+            host = dist.new_group(backend="gloo", timeout=timedelta(hours=2))
+        return cls(rank, world, local_world, dev, ids, owner, host)
 
     def barrier(self) -> None:
+        """Wait for every rank. On a gloo group: its waits sleep, where NCCL's spin a CPU core
+        (one of Kaggle's four) for as long as the slowest rank takes."""
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.host)
+
+    def sum(self, counts: np.ndarray) -> np.ndarray:
+        """int64 ``counts`` summed over the ranks (exact), through the host group."""
+        if self.world == 1:
+            return counts
+        t = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64))
+        dist.all_reduce(t, group=self.host)
+        return t.numpy()
 
     def mean(self, value: float) -> float:
         """Mean of ``value`` over ranks."""

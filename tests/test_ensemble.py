@@ -245,3 +245,22 @@ def test_find_model_takes_the_one_model_and_never_guesses(tmp_path):
         (ensemble / f"fold{k}" / "best.pt").write_bytes(b"x")
     (ensemble / MANIFEST).write_text(json.dumps({"members": [{"path": "fold0/best.pt"}]}))
     assert find_model([tmp_path / "input"]) == ensemble
+
+
+def test_the_checkpoints_batch_size_travels_and_channels_last_converts_the_weights(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large")
+    config = {"infer": {"window": 64, "scale": 2, "overlap": 16, "batch_size": 5}}
+    path = save_checkpoint(tmp_path / "best.pt", checkpoint_dict(model, config, 1, {"dice": 0.5}))
+    plain = load_predictor([path], device="cpu")
+    assert plain.cfg.batch_size == 5 and plain.cfg.channels_last is None
+    assert load_predictor([path], device="cpu", batch_size=2).cfg.batch_size == 2
+
+    def layouts(model):  # of the weights whose two layouts differ (not 1x1, not depthwise)
+        weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+        weights = [w for w in weights if w.shape[1] > 1 and w.shape[-1] > 1]
+        assert weights  # the stem: 3x3 over 3 channels
+        return {w.is_contiguous(memory_format=torch.channels_last) for w in weights}
+
+    assert layouts(plain.predictor) == {False}
+    assert layouts(load_predictor([path], device="cpu", channels_last=True).predictor) == {True}

@@ -12,7 +12,7 @@ import torch
 
 from kit.evaluate import best_threshold, evaluate_slides, format_report, mean_dice
 from kit.infer import InferConfig, iter_probability_strips
-from kit.metrics import dice
+from kit.metrics import dice, dice_from_counts
 from kit.rle import decode, encode
 
 CFG = InferConfig(window=64, overlap=16, scale=2, tissue=False)
@@ -50,7 +50,7 @@ def whole_slide_probs(path) -> np.ndarray:
 def test_per_slide_dice_equals_whole_mask_dice(data_dir):
     scores = evaluate_slides(data_dir, pointwise, cfg=CFG, thresholds=(0.3, 0.7), progress=False)
     assert list(scores.columns) == [
-        "id", "dice", "dice@0.3", "dice@0.7", "pred_px", "true_px", "seconds",
+        "id", "dice", "dice@0.3", "dice@0.7", "pred_px", "true_px", "both_px", "seconds",
     ]  # fmt: skip
     assert scores["id"].tolist() == ["b2", "a1", "c3"]  # train.csv's order
     truth = pd.read_csv(data_dir / "train.csv", keep_default_na=False).set_index("id")
@@ -61,6 +61,8 @@ def test_per_slide_dice_equals_whole_mask_dice(data_dir):
         assert row["dice@0.3"] == pytest.approx(dice(probs > 0.3, mask))
         assert row["dice@0.7"] == pytest.approx(dice(probs > 0.7, mask))
         assert row["pred_px"] == (probs > 0.5).sum() and row["true_px"] == mask.sum()
+        assert row["both_px"] == ((probs > 0.5) & (mask > 0)).sum()
+        assert row["dice"] == dice_from_counts(row["both_px"], row["pred_px"], row["true_px"])
     b2 = scores.set_index("id").loc["b2"]
     assert 0.5 < b2["dice"] < 1 and b2["dice@0.3"] != b2["dice@0.7"]
     assert scores.set_index("id").loc["c3", "dice"] == 1.0  # both empty
@@ -113,6 +115,7 @@ def test_format_report_shows_the_mean_and_best_threshold(data_dir):
         "dice@0.6",
         "pred_px",
         "true_px",
+        "both_px",
         "seconds",
     ]
     assert lines[1].split()[0] == "a1" and lines[3].split()[0] == "mean"

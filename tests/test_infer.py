@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import tracemalloc
 
@@ -497,3 +498,64 @@ def test_keep_zeroes_everything_outside_the_polygons_strip_by_strip(tmp_path, wr
     kept_probs = iter_probability_strips(path, pointwise, cfg, keep=[[outer, hole]])
     np.testing.assert_array_equal(collect(kept_probs, image.shape[:2], np.float32), probs * inside)
     assert predict_slide_rle(path, pointwise, cfg, keep=[[outer, hole]]) == encode(kept)
+
+
+def test_a_checkpoints_batch_size_is_restored_unless_overridden():
+    from kit.infer import config_from_checkpoint
+
+    sectioned = {"config": {"infer": {"window": 512, "batch_size": 5}}}
+    assert config_from_checkpoint(sectioned).batch_size == 5
+    assert config_from_checkpoint(sectioned, batch_size=None).batch_size == 5  # not given
+    assert config_from_checkpoint(sectioned, batch_size=2).batch_size == 2
+    flat = {"config": {"window": 512, "infer_batch_size": 6}}  # a kit before config sections
+    assert config_from_checkpoint(flat).batch_size == 6
+    assert config_from_checkpoint({}).batch_size == InferConfig().batch_size
+
+
+class LayoutSpy(nn.Module):
+    """A small convolutional network that records whether its input was channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 1, 3, padding=1),
+        )
+        with torch.no_grad():  # logits of a few units: probabilities across (0, 1)
+            self.net[-1].weight.mul_(30)
+        self.layouts = set()
+
+    def forward(self, x):
+        self.layouts.add(x.is_contiguous(memory_format=torch.channels_last))
+        return self.net(x)
+
+
+def test_channels_last_windows_predict_what_contiguous_ones_do(tmp_path, write_tiff):
+    path = write_tiff(tmp_path / "s.tiff", smooth_image((150, 170), seed=3))
+    cfg = InferConfig(window=64, overlap=16, scale=2, tissue=False, batch_size=3, tta=True)
+    model = LayoutSpy().eval()
+    probs = {}
+    for wanted in (None, False, True):
+        model.layouts.clear()
+        config = dataclasses.replace(cfg, channels_last=wanted)
+        probs[wanted] = collect(
+            iter_probability_strips(path, model, config), (150, 170), np.float32
+        )
+        # None: on CUDA only, so contiguous windows on the CPU; True: channels_last anywhere.
+        assert model.layouts == {wanted is True}, wanted
+    np.testing.assert_array_equal(probs[None], probs[False])
+    np.testing.assert_allclose(probs[True], probs[False], rtol=0, atol=1e-5)
+    assert probs[True].std() > 0.01  # not a constant picture: the comparison says something
+
+
+def test_cuda_inference_lets_cudnn_pick_its_algorithms_once_per_shape(monkeypatch):
+    from kit.infer import Probabilities
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    Probabilities(pointwise, device="cpu")
+    assert torch.backends.cudnn.benchmark is False
+    Probabilities(pointwise, device="cuda")  # a plain callable: nothing is moved there
+    assert torch.backends.cudnn.benchmark is True

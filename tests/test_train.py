@@ -18,6 +18,7 @@ from kit.checkpoint import export_model, load_model, read_checkpoint
 from kit.cli import add_train_arguments, config_from_args
 from kit.competition import Competition
 from kit.data import DataConfig
+from kit.ensemble import load_predictor
 from kit.env import scratch_dir
 from kit.evaluate import evaluate_slides
 from kit.infer import InferConfig, config_from_checkpoint
@@ -380,20 +381,41 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path, av
 
 DDP_SCRIPT = """
 import sys, torch
+import kit.data, kit.evaluate
 from kit.train import TrainConfig, fit
+
+# Spies: the slides this rank scores whole, and those it cuts tiles of (builds caches of).
+scored, built = set(), set()
+evaluate_slides, index_slide = kit.evaluate.evaluate_slides, kit.data.index_slide
+def scoring(data_dir, predictor, ids, *args, **kwargs):
+    scored.update(ids)
+    return evaluate_slides(data_dir, predictor, ids, *args, **kwargs)
+def indexing(path, mask_strip, cfg, slide_id=""):
+    built.add(slide_id)
+    return index_slide(path, mask_strip, cfg, slide_id)
+kit.evaluate.evaluate_slides, kit.data.index_slide = scoring, indexing
+
 cfg = TrainConfig(**{cfg!r})
 result = fit(cfg)
-torch.save(result["model"].state_dict(), f"{weights}/rank{{result['rank']}}.pt")
+rank = result["rank"]
+torch.save(result["model"].state_dict(), f"{weights}/rank{{rank}}.pt")
 # One write per line: the two ranks share stdout, and print's pieces interleave.
-sys.stdout.write("rank %d dice %s\\n" % (result["rank"], result["best_dice"]))
+sys.stdout.write("rank %d dice %r\\n" % (rank, result["best_dice"]))
+sys.stdout.write("rank %d scored %s\\n" % (rank, " ".join(sorted(scored))))
+sys.stdout.write("rank %d built %s\\n" % (rank, " ".join(sorted(built))))
 """
 
 
 @pytest.mark.slow
 def test_two_processes_train_in_step_and_write_once(dataset, tmp_path):
+    """Two gloo ranks on the CPU: the same weights, one run folder; each rank builds the tile
+    caches of its share of the slides and scores its share of the held-out slides, and their
+    summed pixel counts give the Dice one process computes, exactly."""
     run, weights = tmp_path / "ddp", tmp_path / "weights"
     weights.mkdir()
-    cfg = asdict(parse(tiny_args(dataset, run, tmp_path / "cache")))
+    ids = Competition(dataset).train_ids
+    cfg = parse(tiny_args(dataset, run, tmp_path / "cache"))
+    cfg = asdict(replace(cfg, valid=ids[:2]))  # a held-out slide for each rank
     script = tmp_path / "train_ddp.py"
     script.write_text(DDP_SCRIPT.format(cfg=cfg, weights=weights))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -414,12 +436,26 @@ def test_two_processes_train_in_step_and_write_once(dataset, tmp_path):
     for key, value in rank0.items():
         torch.testing.assert_close(rank1[key], value, rtol=0, atol=0, msg=key)
         torch.testing.assert_close(last[key], value, rtol=0, atol=0, msg=key)
-    dice = {
-        line.split()[1]: line.split()[3]
-        for line in done.stdout.splitlines()
-        if line.startswith("rank ")
-    }
-    assert dice.keys() == {"0", "1"} and dice["0"] == dice["1"] != "nan"
+    said = {}  # (rank, what) -> the rest of the line
+    for line in done.stdout.splitlines():
+        if line.startswith("rank "):
+            _, rank, what, *rest = line.split()
+            said[rank, what] = rest
+    assert said["0", "dice"] == said["1", "dice"] != ["nan"]
+    scored = [set(said[r, "scored"]) for r in "01"]
+    assert all(scored) and not scored[0] & scored[1] and scored[0] | scored[1] == set(ids[:2])
+    built = [set(said[r, "built"]) for r in "01"]
+    assert all(built) and not built[0] & built[1] and built[0] | built[1] == set(ids)
+
+    # One process scoring the saved best weights on both slides: the same Dice, to the bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1)
+    try:
+        loaded = load_predictor([run / "best.pt"], device="cpu")
+        table = evaluate_slides(dataset, loaded.predictor, ids[:2], loaded.cfg, (), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert float(said["0", "dice"][0]) == float(table["dice"].mean())
 
 
 def test_a_trained_config_gives_its_inference_settings_to_the_checkpoint_reader():
