@@ -156,3 +156,21 @@ def test_inference_maps_a_restained_slide_onto_the_training_stain(
     assert dice(predict_slide(shifted, colour_predictor, plain), reference) < 0.8
     assert dice(predict_slide(shifted, colour_predictor, norm), reference) > 0.94
     assert dice(predict_slide(original, colour_predictor, norm), reference) > 0.98
+
+
+def test_configs_check_their_stain_options():
+    from kit.data import DataConfig
+    from kit.train import TrainConfig
+
+    with pytest.raises(ValueError, match="stain_norm must be one of"):
+        InferConfig(stain_norm="macenko")
+    with pytest.raises(ValueError, match="stain_norm must be one of"):
+        DataConfig(stain_norm="Reinhard")
+    with pytest.raises(ValueError, match="stain_target must be 6 numbers"):
+        InferConfig(stain_target=[1.0, 2.0])
+    with pytest.raises(ValueError, match="stain_augment must be in"):
+        TrainConfig(stain_augment=1.5)
+    target = InferConfig(stain_target=np.arange(6.0).reshape(2, 3)).stain_target
+    assert target == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and type(target[0]) is float  # JSON-ready
+    cfg = TrainConfig(data={"stain_norm": "reinhard"})
+    assert cfg.infer.stain_norm == "reinhard"  # set once, in data
