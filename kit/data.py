@@ -605,8 +605,8 @@ def train_transforms(seed: int | None = None, stain_augment: float = 0.0) -> A.C
     ``stain_augment`` > 0 adds, with that probability, albumentations' ``HEStain``
     (``random_preset``: the tile's optical density is split into two stains by one of eight
     reference stain matrices, each stain's amount scaled by 0.7-1.3 and shifted by +-0.2, then
-    recombined), before the colour jitter. ``bench/stain.py`` measures its cost (~25 ms a 256 px
-    tile on one core) against the alternatives (``macenko`` fits the stains per tile: slower).
+    recombined), before the colour jitter. ``bench/stain.py`` measures its cost: 24-39 ms a 256 px
+    tile on a busy CPU core (``macenko``, which fits the stains per tile, 34-86 ms).
     """
     if not 0.0 <= stain_augment <= 1.0:
         raise ValueError(f"stain_augment must be a probability in [0, 1], got {stain_augment!r}")
