@@ -99,6 +99,24 @@ RECIPES = {
     ),
     # the `cpu` preset (kit.train.PRESETS)
     "cpu": ("cpu", dict()),
+    # as quick-1024, each slide's tissue colours mapped onto the training slides' mean
+    # (kit.stain: Reinhard in LAB, per-slide statistics from the thumbnail)
+    "stain-norm": (
+        "quick",
+        dict(
+            data=dict(window=1024, scale=4, overlap=256, stain_norm="reinhard"),
+            infer=dict(overlap=256),
+        ),
+    ),
+    # as quick-1024, with albumentations' HEStain (stain-space colour jitter) on half the tiles
+    "stain-aug": (
+        "quick",
+        dict(
+            stain_augment=0.5,
+            data=dict(window=1024, scale=4, overlap=256),
+            infer=dict(overlap=256),
+        ),
+    ),
 }
 
 

@@ -29,6 +29,7 @@ from kit.synthetic import DEFAULT_PARAMS as SYNTH
 from kit.train import (
     DEFAULT_FOLDS,
     DERIVED_FIELDS,
+    FITTED_FIELDS,
     PRESETS,
     SHARED_FIELDS,
     TrainConfig,
@@ -314,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="kit checkpoints (.pt), run folders, a cv folder (every fold) or a folder with "
             "ensemble.json; several make an ensemble",
         )  # fmt: skip
-        # The window, scale and tissue rule are the checkpoint's.
-        add_config_arguments(p, InferConfig, taken=set(), skip=SHARED_FIELDS)
+        # The window, scale, tissue rule and stain normalisation are the checkpoint's.
+        add_config_arguments(p, InferConfig, taken=set(), skip=(*SHARED_FIELDS, *FITTED_FIELDS))
         if name == "predict":
             p.add_argument("--out", type=Path, default=Path("submission.csv"))
         else:

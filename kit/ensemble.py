@@ -10,7 +10,10 @@ A source is a checkpoint file, a folder holding ``ensemble.json`` (a manifest, w
 `write_manifest`: ``kit cv`` and ``kit export`` make them), a run folder (``best.pt``, else
 ``last.pt``), or a cross-validation folder (``fold*/best.pt``, all folds). Several checkpoints make
 a `kit.infer.Ensemble`: each member sees windows at the scale it was trained at; weights and the
-inference settings come from the manifest, else the first checkpoint.
+inference settings come from the manifest, else the first checkpoint. The slide is read once for
+all members, so they share one stain normalisation (`kit.stain`): their method (members that
+differ are refused) and the mean of their targets (fold models' targets differ only by the
+slides each fold held out).
 
 ``ensemble.json``::
 
@@ -29,12 +32,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kit import atomic
 from kit.checkpoint import CHECKPOINTS, fingerprint, load_model
 from kit.device import channels_last
 from kit.infer import Ensemble, InferConfig, Member, Predictor, config_from_checkpoint
+from kit.stain import stats_list
 
 __all__ = [
     "MANIFEST",
@@ -189,7 +194,8 @@ def load_predictor(
         models.append(model)
         checkpoints.append({k: v for k, v in ckpt.items() if not k.endswith("_state")})
     given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = config_from_checkpoint(checkpoints[0], **{**settings, **given, "device": device})
+    stain = _stain_settings(checkpoints, paths)
+    cfg = config_from_checkpoint(checkpoints[0], **{**stain, **settings, **given, "device": device})
     for model in models:  # once here, rather than by cuDNN at every call (kit.infer.Probabilities)
         if channels_last(next(model.parameters()).device, cfg.channels_last):
             model.to(memory_format=torch.channels_last)
@@ -203,6 +209,16 @@ def load_predictor(
     ensemble = Ensemble(members, fingerprint=identity)
     # cfg at the scale inference will use: the finest member's
     return Loaded(ensemble, replace(cfg, scale=ensemble.scale), identity, paths, checkpoints)
+
+
+def _stain_settings(checkpoints: Sequence[Mapping], paths: Sequence[Path]) -> dict[str, Any]:
+    """The stain normalisation the members share: their method, the mean of their targets."""
+    cfgs = [config_from_checkpoint(c) for c in checkpoints]
+    if len({c.stain_norm for c in cfgs}) > 1:
+        listed = ", ".join(f"{p}: {c.stain_norm}" for p, c in zip(paths, cfgs, strict=True))
+        raise ValueError(f"ensemble members normalise stains differently ({listed})")
+    targets = [c.stain_target for c in cfgs if c.stain_target is not None]
+    return {"stain_target": stats_list(np.mean(targets, axis=0)) if targets else None}
 
 
 def find_model(roots: Iterable[str | os.PathLike]) -> Path | None:

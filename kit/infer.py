@@ -58,6 +58,8 @@ from kit.merge import UPSAMPLE_MODES, StripMerger, upsample
 from kit.polygons import rasterize
 from kit.rle import RleEncoder
 from kit.slides import Slide, downscale
+from kit.stain import METHODS as STAIN_METHODS
+from kit.stain import as_stats, normaliser, slide_stats, stats_list
 from kit.tiling import MIN_TISSUE, TISSUE_SATURATION
 from kit.windows import Splitter, read_ahead
 
@@ -73,6 +75,7 @@ __all__ = [
     "predict_slide_rle",
     "resolve_config",
     "sigmoid",
+    "slide_normaliser",
 ]
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -124,6 +127,11 @@ class InferConfig:
     # (strips are decoded in order, each column once; GDAL decodes with GDAL_THREADS).
     workers: int = option(1, "slide reader threads (0: read in the calling thread)")
     prefetch: int = option(4, "batches read ahead of the predictor (bounds the queue's memory)")
+    # Per-slide stain normalisation (kit.stain), as the model was trained: each slide's
+    # statistics are estimated from its thumbnail when it is opened and mapped onto
+    # stain_target, the training slides' mean (kit.train.fit sets it; checkpoints carry it).
+    stain_norm: str = option("none", "per-slide stain normalisation: none or reinhard")
+    stain_target: list[float] | None = option(None, "LAB means and stds the slides are mapped to")
 
     def __post_init__(self) -> None:
         for name in ("window", "scale", "batch_size", "prefetch"):
@@ -140,6 +148,10 @@ class InferConfig:
             raise ValueError(f"min_tissue must be in [0, 1), got {self.min_tissue!r}")
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
+        if self.stain_norm not in STAIN_METHODS:
+            raise ValueError(f"stain_norm must be one of {STAIN_METHODS}, got {self.stain_norm!r}")
+        if self.stain_target is not None:  # plain floats: configs are saved as JSON
+            self.stain_target = stats_list(as_stats(self.stain_target, "stain_target"))
 
 
 def _check_int(cfg: InferConfig, name: str, low: int) -> None:
@@ -164,10 +176,11 @@ def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
     """The inference settings a kit checkpoint was trained and validated with.
 
     Takes ``window``, ``scale``, ``overlap``, ``threshold``, ``tta``, ``cortex_only``,
-    ``min_tissue`` (the tissue rule its negatives were chosen by) and ``batch_size`` from the
-    checkpoint's ``config``: its ``infer`` section (kit.train.TrainConfig), or the flat fields
-    of checkpoints written before it had sections (``infer_batch_size`` there). Missing ones
-    keep `InferConfig`'s defaults; then ``overrides`` apply, an override of None ignored, so
+    ``min_tissue`` (the tissue rule its negatives were chosen by), ``batch_size``, ``stain_norm``
+    and ``stain_target`` (the stain statistics its slides were mapped to) from the checkpoint's
+    ``config``: its ``infer`` section (kit.train.TrainConfig), or the flat fields of checkpoints
+    written before it had sections (``infer_batch_size`` there). Missing ones keep
+    `InferConfig`'s defaults; then ``overrides`` apply, an override of None ignored, so
     command-line options can be passed through as they are.
     """
     trained = checkpoint.get("config") or {}
@@ -175,7 +188,7 @@ def config_from_checkpoint(checkpoint: dict, **overrides) -> InferConfig:
         trained = {**trained, "batch_size": trained["infer_batch_size"]}
     trained = trained.get("infer", trained)  # flat: the overlap, threshold... of inference
     names = ("window", "scale", "overlap", "threshold", "tta", "min_tissue", "cortex_only")
-    names += ("batch_size",)
+    names += ("batch_size", "stain_norm", "stain_target")
     base = {name: trained[name] for name in names if trained.get(name) is not None}
     given = {name: value for name, value in overrides.items() if value is not None}
     return resolve_config(InferConfig(**base), **given)
@@ -315,6 +328,7 @@ def _strips(
             tissue=cfg.tissue,
             tissue_saturation=cfg.tissue_saturation,
             min_tissue=cfg.min_tissue,
+            normalise=slide_normaliser(slide, cfg),
         )
         merger = StripMerger(splitter.columns, slide.shape, cfg.scale, cfg.upsample, threshold)
         # Three stages, each in its own thread with workers: reading, the predictor (which
@@ -334,6 +348,18 @@ def _strips(
         finally:  # stop the threads (predictor first) before the slide closes
             predicted.close()
             batches.close()
+
+
+def slide_normaliser(slide: Slide, cfg: InferConfig):
+    """The stain mapping of an open slide under ``cfg`` (`kit.stain.normaliser`), or None.
+
+    With ``cfg.stain_norm`` the slide's statistics come from its thumbnail (a decode of the
+    whole slide, unless it has overviews), by the tissue rule of ``cfg``, as for training.
+    """
+    if cfg.stain_norm == "none":
+        return None
+    stats = slide_stats(slide, cfg.tissue_saturation)
+    return normaliser(stats, cfg.stain_target, cfg.stain_norm)
 
 
 def _kept(strip, keep: Sequence[Polygon] | None, shape: tuple[int, int]):

@@ -49,6 +49,7 @@ from kit.data import (
     DataConfig,
     TileDataset,
     build_tile_caches,
+    cache_stain_stats,
     default_workers,
     eval_transforms,
     split_slides,
@@ -63,6 +64,7 @@ from kit.metrics import DiceScore, Mean, dice_from_counts
 from kit.model import build_model
 from kit.progress import progress_bar, show_progress
 from kit.pseudo import PseudoLabels, read_pseudo_labels
+from kit.stain import stats_list, target_stats
 from kit.submit import share_slides
 
 # Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).
@@ -73,9 +75,14 @@ RUNTIME_FIELDS = (
     "infer.device", "infer.workers", "infer.prefetch", "infer.batch_size", "infer.channels_last",
 )  # fmt: skip
 # Inference settings set once, in the data section: the model predicts the windows it learned on.
-SHARED_FIELDS = ("window", "scale", "min_tissue", "tissue_saturation")
+SHARED_FIELDS = ("window", "scale", "min_tissue", "tissue_saturation", "stain_norm")
+# Inference settings fit computes from the training slides (the stain target: their mean
+# statistics, kit.stain.target_stats); the checkpoints carry them.
+FITTED_FIELDS = ("stain_target",)
 # Fields set from other fields (see TrainConfig; the device: the model's): no command-line flag.
-DERIVED_FIELDS = ("data.seed", "infer.device", *(f"infer.{name}" for name in SHARED_FIELDS))
+DERIVED_FIELDS = (
+    "data.seed", "infer.device", *(f"infer.{name}" for name in (*SHARED_FIELDS, *FITTED_FIELDS)),
+)  # fmt: skip
 # How often a shown training bar reads the running loss from the device.
 BAR_SECONDS = 10.0
 HISTORY_FIELDS = (
@@ -89,8 +96,9 @@ class TrainConfig:
 
     ``data`` holds the tile settings (kit.data.DataConfig), ``infer`` those of whole-slide
     validation and of the submission (kit.infer.InferConfig); either may be given as a dict of
-    its fields. Window, scale and the tissue rule are set once, in ``data``: ``infer`` takes
-    them from it (the model predicts the windows it learned on), and ``data.seed`` is ``seed``.
+    its fields. Window, scale, the tissue rule and the stain normalisation are set once, in
+    ``data``: ``infer`` takes them from it (the model predicts the windows it learned on), and
+    ``data.seed`` is ``seed``. ``infer.stain_target`` is computed by `fit` (FITTED_FIELDS).
     """
 
     data_dir: str = option("data", "competition folder", flag="--data", required=True)
@@ -124,6 +132,8 @@ class TrainConfig:
     # An exponential moving average of the weights (the 2nd place: 0.995), updated every step,
     # BatchNorm statistics included: it is what validation scores and checkpoints hold.
     ema: float | None = option(None, "EMA decay of the weights, e.g. 0.995 (none: off)")
+    # albumentations' HEStain (kit.data.train_transforms): stain-space colour jitter.
+    stain_augment: float = option(0.0, "probability of HEStain stain augmentation (0: off)")
     amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
     seed: int = option(0, "model init, data order, augmentation and tile selection")
     eval_every: int = option(1, "whole-slide validation every n epochs (and the last)")
@@ -145,6 +155,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
+        if not 0.0 <= self.stain_augment <= 1.0:
+            raise ValueError(f"stain_augment must be in [0, 1], got {self.stain_augment!r}")
         self.valid = list(self.valid)
         self.data = DataConfig(**{**_as_dict(self.data), "seed": self.seed})
         shared = {name: getattr(self.data, name) for name in SHARED_FIELDS}
@@ -330,6 +342,8 @@ def _fit(cfg: TrainConfig, ctx: _Distributed) -> dict:
     state = _open_run(cfg, run, ctx, labels)  # last.pt and the rows of finished epochs, or None
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     data = _Data.build(cfg, ctx, labels)
+    # Validation and every checkpoint map slides onto the training slides' stain statistics.
+    cfg = replace(cfg, infer=replace(cfg.infer, stain_target=data.stain_target))
     training = _Training.build(cfg, ctx, steps=len(data.train_dl))
     history, best, start = _resume(state, training, cfg, run, ctx)
     ctx.print(data.describe(ctx.device, ctx.world))
@@ -471,6 +485,14 @@ def tile_caches(
     )
 
 
+def stain_target(cfg: TrainConfig, train_caches: list[Path]) -> list[float] | None:
+    """The statistics every slide is mapped to with ``cfg.data.stain_norm``: the mean of the
+    training slides' (`kit.stain.target_stats`, from their tile caches); None without it."""
+    if cfg.data.stain_norm == "none":
+        return None
+    return stats_list(target_stats([cache_stain_stats(f) for f in train_caches]))
+
+
 def tile_cache_dir(cfg: TrainConfig) -> Path:
     """The folder of the run's tile caches: ``cfg.cache_dir``, else ``tile-cache`` beside the run
     folder (runs with the same tile settings share it).
@@ -499,6 +521,7 @@ class _Data:
     sampler: DistributedSampler | None
     workers: int  # per loader
     progress: bool  # show bars (rank 0 only)
+    stain_target: list[float] | None  # with data.stain_norm: the training slides' mean stats
 
     @classmethod
     def build(cls, cfg: TrainConfig, ctx: _Distributed, labels: PseudoLabels | None) -> _Data:
@@ -517,9 +540,13 @@ class _Data:
         mine = [slides[k] for k in slide_share(cfg, slides, ctx.rank, ctx.world)]
         tile_caches(cfg, mine, progress=progress, labels=labels)
         ctx.barrier()
-        train_folders = tile_caches(cfg, train_slides, progress=False, labels=labels)
-        train_ds = TileDataset(train_folders, train_transforms())
-        valid_ds = TileDataset(tile_caches(cfg, valid_slides, progress=False), eval_transforms())
+        train_caches = tile_caches(cfg, train_slides, progress=False, labels=labels)
+        stain = {"stain_norm": cfg.data.stain_norm, "stain_target": stain_target(cfg, train_caches)}
+        transforms = train_transforms(stain_augment=cfg.stain_augment)
+        train_ds = TileDataset(train_caches, transforms, **stain)
+        valid_ds = TileDataset(
+            tile_caches(cfg, valid_slides, progress=False), eval_transforms(), **stain
+        )
         workers = cfg.workers
         if workers is None:
             workers = default_workers(available_cpus(), ctx.local_world)
@@ -528,7 +555,7 @@ class _Data:
         valid_dl = tile_loader(valid_ds, cfg.batch_size, workers=workers, pin_memory=pin)
         return cls(
             train_slides, valid_slides, train_ds, valid_ds, train_dl, valid_dl, sampler, workers,
-            progress,
+            progress, stain["stain_target"],
         )  # fmt: skip
 
     def describe(self, device: torch.device, world: int) -> str:
@@ -773,7 +800,8 @@ _FLAT_NAMES = {
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-    """``"field: saved -> current"`` for every field that differs (runtime fields aside).
+    """``"field: saved -> current"`` for every field that differs (runtime fields aside, and
+    the fitted ones: computed from the data, a checkpoint's are set where the config's are not).
 
     Fields of the sections are named with dots (``data.window``). A flat ``saved`` config (of
     an older kit) is compared on the fields it has.
@@ -781,7 +809,8 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     flat = not isinstance(saved.get("data"), Mapping)
     saved = {_FLAT_NAMES.get(k, k) if flat else k: v for k, v in _dotted(saved).items()}
     current = _dotted(current)
-    keys = (set(saved) if flat else set(saved) | set(current)) - set(RUNTIME_FIELDS)
+    ignored = {*RUNTIME_FIELDS, *(f"infer.{name}" for name in FITTED_FIELDS)}
+    keys = (set(saved) if flat else set(saved) | set(current)) - ignored
     missing = object()
     out = []
     for key in sorted(keys):

@@ -15,7 +15,9 @@ read whole, strip band by strip band, into one downscaled picture of the slide (
 ``3 * H * W / scale**2`` bytes: 221 MB for 30720 x 38400 at scale 4), when that fits
 ``max_band_bytes``; above it, column strips again (each decoding the whole width). Tiles whose core
 shows no tissue (the kit's tissue rule, `kit.tiling.has_tissue`, judged on the tile's own
-downscaled pixels) are left out: a merger fills them with 0.
+downscaled pixels) are left out: a merger fills them with 0. A ``normalise`` function (e.g. the
+slide's `kit.stain.normaliser`) maps each batch after the tissue rule has judged its raw pixels,
+as training judged its tiles before normalising them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -65,6 +67,8 @@ class Splitter:
         align: window starts are multiples of it (default ``scale``; a multiple of it).
         tissue_saturation, min_tissue: the tissue rule's settings (`kit.tiling.has_tissue`).
         max_band_bytes: the most the band may hold when a striped file is read whole.
+        normalise: ``f(windows, channel_axis=1)`` applied to each batch (uint8 (n, 3, h, w) in
+            and out), e.g. `kit.stain.normaliser`; None: windows as read.
 
     Iterating yields `Batch` es: (tiles, uint8 (n, 3, h, w) windows, RGB). Each batch is a new
     array, so batches may be queued (`read_ahead`).
@@ -83,8 +87,10 @@ class Splitter:
         tissue_saturation: int = TISSUE_SATURATION,
         min_tissue: float = MIN_TISSUE,
         max_band_bytes: int = MAX_BAND_BYTES,
+        normalise: Callable[..., np.ndarray] | None = None,
     ) -> None:
         self.slide = slide
+        self.normalise = normalise
         self.shape = slide.shape
         self.scale, self.batch_size = scale, batch_size
         self.tissue, self.saturation, self.min_tissue = tissue, tissue_saturation, min_tissue
@@ -109,10 +115,13 @@ class Splitter:
             batch[len(tiles)] = window
             tiles.append(tile)
             if len(tiles) == self.batch_size:
-                yield tiles, batch
+                yield tiles, self._normalised(batch)
                 tiles, batch = [], None
         if tiles:
-            yield tiles, batch[: len(tiles)]
+            yield tiles, self._normalised(batch[: len(tiles)])
+
+    def _normalised(self, batch: np.ndarray) -> np.ndarray:
+        return batch if self.normalise is None else self.normalise(batch, channel_axis=1)
 
     def _windows(self) -> Iterator[tuple[Tile, np.ndarray]]:
         """(tile, uint8 (3, h, w) view of the band) per tile to predict, valid until the next.

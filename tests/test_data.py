@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import albumentations as A
 import cv2
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from kit.data import (
 from kit.infer import InferConfig, predict_slide
 from kit.rle import decode
 from kit.slides import Slide
+from kit.stain import Normaliser, slide_stats, target_stats
 from kit.synthetic import make_dataset
 from kit.tiling import has_tissue, plan, tissue_mask
 
@@ -333,6 +335,55 @@ def test_dataset_items_are_float_tensors(dataset, tmp_path):
     assert len(pickle.dumps(plain)) < 100_000
     loader = torch.utils.data.DataLoader(augmented, batch_size=4, num_workers=2)
     assert sum(len(x) for x, _ in loader) == len(augmented)
+
+
+def test_stain_normalised_tiles_map_each_slide_onto_the_target(dataset, tmp_path):
+    ids = Competition(dataset).train_ids[:2]
+    folders = data.build_tile_caches(dataset, ids, CFG, tmp_path, progress=False)
+    stained = DataConfig(**{**CFG.__dict__, "stain_norm": "reinhard"})
+    # Tiles are cached as read: the normalisation is not a cache input.
+    assert data.build_tile_caches(dataset, ids, stained, tmp_path, progress=False) == folders
+    stats = []
+    for slide_id, folder in zip(ids, folders, strict=True):
+        with Slide(Competition(dataset).slide_path(slide_id)) as slide:
+            stats.append(slide_stats(slide))
+        np.testing.assert_allclose(data.cache_stain_stats(folder), stats[-1])
+    target = target_stats(stats)
+    ds = TileDataset(folders, eval_transforms(), stain_norm="reinhard", stain_target=target)
+    plain = TileDataset(folders, eval_transforms())
+    for i in (0, len(ds) - 1):  # a tile of each slide
+        part = 0 if i < len(TileDataset(folders[:1])) else 1
+        raw = np.load(folders[part] / "images.npy")[i if part == 0 else -1]
+        expected = Normaliser(stats[part], target)(raw).transpose(2, 0, 1) / 255
+        np.testing.assert_allclose(ds[i][0].numpy(), expected, atol=1e-7)
+        assert (ds[i][0] - plain[i][0]).abs().mean() > 0.005  # the slides differ from the mean
+        assert torch.equal(ds[i][1], plain[i][1])
+    with pytest.raises(ValueError, match="needs target statistics"):
+        TileDataset(folders, stain_norm="reinhard")
+
+
+def test_stain_augmentation_is_seeded_and_changes_a_tissue_tile(dataset, tmp_path):
+    folder = build_tile_cache(dataset, Competition(dataset).train_ids[1], CFG, tmp_path)
+    images = np.load(folder / "images.npy")
+    tile = images[np.argmax([tissue_mask(t).mean() for t in images])]
+    assert not any(isinstance(t, A.HEStain) for t in train_transforms().transforms)
+    pipeline = train_transforms(stain_augment=0.5)
+    (stain,) = [t for t in pipeline.transforms if isinstance(t, A.HEStain)]
+    assert stain.p == 0.5
+
+    def augmented(transform, seed):
+        transform.set_random_seed(seed)
+        return transform(image=tile)["image"]
+
+    np.testing.assert_array_equal(augmented(pipeline, 7), augmented(pipeline, 7))
+    stain.p = 1.0
+    first, again, other = augmented(stain, 7), augmented(stain, 7), augmented(stain, 8)
+    np.testing.assert_array_equal(first, again)
+    tissue = tissue_mask(tile)
+    colour = np.abs(first.astype(float) - tile)[tissue].mean()
+    assert colour > 5 and np.abs(other.astype(float) - first)[tissue].mean() > 2
+    with pytest.raises(ValueError, match="stain_augment"):
+        train_transforms(stain_augment=1.5)
 
 
 def test_default_workers_share_the_cpus_among_the_processes():

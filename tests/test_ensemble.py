@@ -152,10 +152,12 @@ def test_every_member_runs_in_eval_mode_and_is_restored(slide):
 # On disk
 
 
-def save_model(path, seed, scale=2, window=64, threshold=0.5):
+def save_model(path, seed, scale=2, window=64, threshold=0.5, **infer):
     torch.manual_seed(seed)
     model = build_model("lraspp_mobilenet_v3_large")
-    config = {"infer": {"window": window, "scale": scale, "overlap": 16, "threshold": threshold}}
+    config = {
+        "infer": {"window": window, "scale": scale, "overlap": 16, "threshold": threshold, **infer}
+    }
     return save_checkpoint(path, checkpoint_dict(model, config, 1, {"dice": 0.5 + seed / 10}))
 
 
@@ -219,6 +221,21 @@ def test_a_cross_validation_folder_loads_every_fold_and_its_manifest_settings(tm
     assert mask.shape == (203, 277)
     with pytest.raises(FileNotFoundError, match="no kit model at"):
         load_predictor([tmp_path / "empty-nothing"])
+
+
+def test_members_share_one_stain_normalisation_the_mean_of_their_targets(tmp_path):
+    a = [100.0, 130, 120, 20, 6, 4]
+    b = [140.0, 150, 100, 30, 8, 6]
+    save_model(tmp_path / "a.pt", 0, stain_norm="reinhard", stain_target=a)
+    save_model(tmp_path / "b.pt", 1, stain_norm="reinhard", stain_target=b)
+    save_model(tmp_path / "plain.pt", 2)
+    alone = load_predictor([tmp_path / "b.pt"], device="cpu").cfg
+    assert (alone.stain_norm, alone.stain_target) == ("reinhard", b)
+    both = load_predictor([tmp_path / "a.pt", tmp_path / "b.pt"], device="cpu").cfg
+    assert both.stain_norm == "reinhard"
+    assert both.stain_target == pytest.approx([(x + y) / 2 for x, y in zip(a, b, strict=True)])
+    with pytest.raises(ValueError, match=r"normalise stains differently.*a.pt: reinhard.*none"):
+        load_predictor([tmp_path / "a.pt", tmp_path / "plain.pt"], device="cpu")
 
 
 def test_find_model_takes_the_one_model_and_never_guesses(tmp_path):

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -21,9 +22,11 @@ from kit.data import DataConfig
 from kit.ensemble import load_predictor
 from kit.env import scratch_dir
 from kit.evaluate import evaluate_slides
-from kit.infer import InferConfig, config_from_checkpoint
+from kit.infer import InferConfig, config_from_checkpoint, iter_probability_strips
 from kit.losses import BCEDiceLoss
 from kit.model import build_model
+from kit.slides import Slide
+from kit.stain import slide_stats, target_stats
 from kit.synthetic import make_dataset
 from kit.train import (
     BAR_SECONDS,
@@ -248,6 +251,51 @@ def test_fit_writes_a_run_folder_and_refuses_another_config(dataset, tmp_path, c
         fit(replace(cfg, epochs=3, lr=0.01))
     fit(replace(cfg, epochs=1, resume=False))  # an explicit overwrite starts over
     assert [int(r["epoch"]) for r in read_history(run)] == [1]
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores
+def test_the_stain_target_is_fitted_on_the_training_slides_and_travels_with_the_model(
+    dataset, tmp_path
+):
+    run = tmp_path / "run"
+    args = tiny_args(dataset, run, tmp_path / "cache", epochs=1)
+    cfg = parse([*args, "--stain-norm", "reinhard", "--stain-augment", "0.5"])
+    assert (cfg.data.stain_norm, cfg.infer.stain_norm, cfg.stain_augment) == ("reinhard",) * 2 + (
+        0.5,
+    )
+    assert cfg.infer.stain_target is None  # fit computes it
+    result = fit(cfg)
+    comp = Competition(dataset)
+    stats = {}
+    for slide_id in comp.train_ids:
+        with Slide(comp.slide_path(slide_id)) as slide:
+            stats[slide_id] = slide_stats(slide)
+    target = target_stats([stats[i] for i in result["train_ids"]])  # not the held-out slide's
+    assert not np.allclose(target, target_stats(list(stats.values())))
+
+    loaded = load_predictor([run], device="cpu")
+    assert config_from_checkpoint(read_checkpoint(run / "best.pt")) == replace(
+        loaded.cfg, device=None
+    )
+    assert loaded.cfg.stain_norm == "reinhard"
+    np.testing.assert_allclose(loaded.cfg.stain_target, target.ravel())
+    # The held-out slide is scored as validation scored it, through the same mapping ...
+    table = evaluate_slides(dataset, loaded.predictor, result["valid_ids"], loaded.cfg)
+    assert table["dice"].mean() == pytest.approx(result["best_dice"])
+    # ... which changes what the model sees (after one epoch it barely tells colours apart).
+    path = comp.slide_path(result["valid_ids"][0])
+    mapped = predict_probabilities(path, loaded.predictor, loaded.cfg)
+    plain = predict_probabilities(path, loaded.predictor, replace(loaded.cfg, stain_norm="none"))
+    assert not np.array_equal(mapped, plain)
+
+    # The fitted target is not a change of config: the same command finds the run finished.
+    stamp = (run / "last.pt").stat().st_mtime_ns
+    fit(cfg)
+    assert (run / "last.pt").stat().st_mtime_ns == stamp
+
+
+def predict_probabilities(path, predictor, cfg):
+    return np.concatenate([p for _, p in iter_probability_strips(path, predictor, cfg)], axis=1)
 
 
 def test_progress_shows_the_tile_cache_and_the_whole_slide_validation_per_slide(
