@@ -31,7 +31,7 @@ from kit.kaggle import (
     read_user,
     validate_user,
 )
-from kit.model import BACKBONES, MODEL_NAMES, SegmentationModel, build_model, torch_load
+from kit.model import SegmentationModel, build_model, check_model_name, torch_load
 
 CHECKPOINT_FORMAT = "hubmap-kit/1"
 CHECKPOINTS = {"best": "best.pt", "last": "last.pt"}
@@ -136,11 +136,12 @@ def _check_checkpoint(ckpt: Any, path: Path) -> None:
         raise ValueError(f"{path}: kit checkpoint lacks {', '.join(missing)}")
     if not isinstance(ckpt["model_state"], Mapping):
         raise ValueError(f"{path}: model_state is not a state dict")
-    if ckpt["model_name"] not in BACKBONES:
-        raise ValueError(
-            f"{path}: unknown model name {ckpt['model_name']!r}; valid names: "
-            f"{', '.join(MODEL_NAMES)}"
-        )
+    if not isinstance(ckpt["model_name"], str):
+        raise ValueError(f"{path}: model_name is not a string: {ckpt['model_name']!r}")
+    try:
+        check_model_name(ckpt["model_name"])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

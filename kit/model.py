@@ -1,11 +1,13 @@
-"""Segmentation models: torchvision architectures with a 1-channel head, and kit checkpoints.
+"""Segmentation models with a 1-channel head: torchvision's, and the U-Net family (kit.unet).
 
     model = build_model("fcn_resnet50", pretrained="auto")  # RGB in [0, 1] -> logits (N, 1, h, w)
+    model = build_model("unet_resnet34", pretrained="auto")  # smp's U-Net, torchvision's resnet34
     model, ckpt = load_model("runs/quick/best.pt", device="cuda")
 
 Pretrained weights are never downloaded (Kaggle notebooks run offline): ``pretrained`` names a
-local ``.pth`` file, or ``"auto"`` looks for torchvision's own file names under
-``$TORCH_HOME/hub/checkpoints`` and ``/kaggle/input`` (attach them as a dataset).
+local ``.pth`` (or, for timm encoders, ``.safetensors``) file, or ``"auto"`` looks for the
+expected file names (torchvision's own, `weight_file_names`) under ``$TORCH_HOME/hub/checkpoints``
+and ``/kaggle/input`` (attach them as a dataset).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
 import torchvision.models.segmentation as tvseg
 from torch import nn
+
+from kit import unet
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ BACKBONES = {
     "deeplabv3_mobilenet_v3_large": "mobilenet_v3_large",
     "lraspp_mobilenet_v3_large": "mobilenet_v3_large",
 }
+# The torchvision models; the U-Net family (kit.unet) adds {unet,unetplusplus,fpn}_{encoder}.
 MODEL_NAMES = tuple(BACKBONES)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,10 +57,13 @@ class SegmentationModel(nn.Module):
         - Output: float logits (N, 1, h, w).
     """
 
-    def __init__(self, net: nn.Module, name: str) -> None:
+    def __init__(self, net: nn.Module, name: str, input_multiple: int = 1) -> None:
         super().__init__()
         self.net = net
         self.name = name
+        # Sides that are not multiples of this are padded (edge pixels repeated), the logits
+        # cropped back: smp's U-Net++ and FPN need multiples of 32 (kit.unet.input_multiple).
+        self.input_multiple = input_multiple
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.weights_report: WeightsReport | None = None
@@ -67,7 +76,14 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, h, w) for RGB input (N, 3, h, w) in [0, 1]."""
-        return self.net(self.normalize(x))["out"]
+        x = self.normalize(x)
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % self.input_multiple, -w % self.input_multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        out = self.net(x)
+        out = out["out"] if isinstance(out, Mapping) else out  # torchvision's dict, smp's tensor
+        return out[..., :h, :w]
 
 
 @dataclass(frozen=True)
@@ -76,9 +92,11 @@ class WeightsReport:
 
     Attributes:
         path: the file read.
-        kind: "model" (a whole torchvision segmentation model) or "backbone" (a classifier
-            network such as resnet50, whose body became the backbone).
-        loaded: keys of the torchvision network (``model.net``) that received weights.
+        kind: "model" (a whole torchvision segmentation model), "backbone" (a classifier
+            network such as resnet50, whose body became the backbone) or "encoder" (a
+            classifier network loaded into a U-Net family encoder, ``model.net.encoder``).
+        loaded: keys of the network (``model.net``; for "encoder", of the encoder's weights
+            module `kit.unet.encoder_module`) that received weights.
         skipped: keys of the file left out, with the reason (e.g. the 21-class COCO head).
     """
 
@@ -95,6 +113,18 @@ class WeightsReport:
         )
 
 
+def check_model_name(name: str) -> None:
+    """ValueError naming `name` and the valid ones unless a model can be built under it."""
+    if name in BACKBONES:
+        return
+    if unet.split_name(name) is None:
+        raise ValueError(
+            f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
+            f"or the U-Net family {unet.family_help()}"
+        )
+    unet.check_name(name)
+
+
 def build_model(
     name: str = "fcn_resnet50",
     pretrained: bool | str | os.PathLike | None = None,
@@ -104,23 +134,27 @@ def build_model(
     """Build a torchvision segmentation model with a 1-channel head, never downloading weights.
 
     Args:
-        name: one of `MODEL_NAMES`.
+        name: one of `MODEL_NAMES`, or a U-Net family name ``{arch}_{encoder}`` (`kit.unet`).
         pretrained: None/False for random initialisation; a path to a ``.pth`` state dict of the
             whole torchvision model (e.g. ``fcn_resnet50_coco-1167a1af.pth``) or of its backbone
-            network (e.g. ``resnet50-0676ba61.pth``); or True/"auto" to look for torchvision's
-            file names under `weight_dirs` (whole-model file preferred), warning and falling back
-            to random initialisation when none is there.
+            network (e.g. ``resnet50-0676ba61.pth``; for a U-Net its encoder's, e.g.
+            ``resnet34-b627a593.pth``, or a timm ``.safetensors``/``.pth``); or True/"auto" to
+            look for the names of `weight_file_names` under `weight_dirs` (whole-model file
+            preferred), warning and falling back to random initialisation when none is there.
         weight_dirs: folders searched (recursively) by "auto"; default `default_weight_dirs()`.
 
     Returns:
         A `SegmentationModel` in training mode; ``.weights_report`` says what was loaded.
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
-    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": 1}
-    if not name.startswith("lraspp"):
-        kwargs["aux_loss"] = False  # no auxiliary head: never trained
-    model = SegmentationModel(getattr(tvseg, name)(**kwargs), name)
+    check_model_name(name)
+    if name in BACKBONES:
+        kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": 1}
+        if not name.startswith("lraspp"):
+            kwargs["aux_loss"] = False  # no auxiliary head: never trained
+        model = SegmentationModel(getattr(tvseg, name)(**kwargs), name)
+    else:
+        net = unet.build_net(name)
+        model = SegmentationModel(net, name, unet.input_multiple(net))
 
     if pretrained is None or pretrained is False:
         return model
@@ -145,13 +179,15 @@ def build_model(
 
 
 def weight_file_names(name: str) -> tuple[str, ...]:
-    """torchvision's file names for `name`'s weights: whole-model files first, then backbone files.
+    """File names of `name`'s weights: whole-model files first, then backbone files.
 
     The names come from torchvision's weights enums (the basename of each ``url``), so they are
-    what ``torch.hub`` would have saved in ``$TORCH_HOME/hub/checkpoints``.
+    what ``torch.hub`` would have saved in ``$TORCH_HOME/hub/checkpoints``. A U-Net family model
+    has its encoder's (`kit.unet.encoder_file_names`; none for encoders without local weights).
     """
+    check_model_name(name)
     if name not in BACKBONES:
-        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+        return unet.encoder_file_names(unet.check_name(name)[1])
     enums = [tvm.get_model_weights(name), tvm.get_model_weights(BACKBONES[name])]
     return tuple(Path(w.url).name for weights in enums for w in weights)
 
@@ -204,6 +240,8 @@ def load_pretrained(model: SegmentationModel, path: str | os.PathLike) -> Weight
     """
     path = Path(path)
     state = _read_state_dict(path)
+    if model.name not in BACKBONES:
+        return _load_encoder(model, path, state)
     kind = "model" if any(k.startswith("backbone.") for k in state) else "backbone"
     target = model.net.state_dict()
     take: dict[str, torch.Tensor] = {}
@@ -234,6 +272,23 @@ def load_pretrained(model: SegmentationModel, path: str | os.PathLike) -> Weight
     return WeightsReport(path, kind, tuple(take), skipped)
 
 
+def _load_encoder(
+    model: SegmentationModel, path: Path, state: dict[str, torch.Tensor]
+) -> WeightsReport:
+    """Load a classifier's state dict into a U-Net family encoder; every encoder tensor must
+    fit (a partial match means the file is of another network)."""
+    take, unexpected, missing = unet.match_encoder_state(model.net, state)
+    if not take:
+        raise ValueError(f"{path}: no tensor matches the encoder of {model.name}")
+    if missing:
+        raise ValueError(
+            f"{path}: does not fit the encoder of {model.name} ({len(missing)} tensors missing, "
+            f"of another shape or extra, e.g. {', '.join(missing[:3])})"
+        )
+    unet.encoder_module(model.net).load_state_dict(take, strict=False)
+    return WeightsReport(path, "encoder", tuple(take), unexpected)
+
+
 def torch_load(path: Path, what: str, expected: str) -> Any:
     """``torch.load`` on the CPU with ``weights_only=True``; errors name the file and ``what``
     and end with ``expected``, a sentence on what such a file is.
@@ -256,12 +311,15 @@ def torch_load(path: Path, what: str, expected: str) -> Any:
 
 _WEIGHTS_EXPECTED = (
     "Pretrained weights are a torchvision .pth file: a state dict of tensors that torch.load "
-    "reads with weights_only=True."
+    "reads with weights_only=True (or, for a timm encoder, a .safetensors file)."
 )
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict read with ``weights_only=True``; errors name the file."""
+    """A state dict read with ``weights_only=True`` (or from a ``.safetensors`` file); errors
+    name the file."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     state = torch_load(path, "weights file", _WEIGHTS_EXPECTED)
     if isinstance(state, Mapping) and "model_state" in state:
         raise ValueError(f"{path}: is a kit checkpoint, not torchvision weights; use load_model")
@@ -272,3 +330,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
     return dict(state)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, on the CPU; errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        why = f"not a readable safetensors file ({err})"
+        raise ValueError(f"{path}: not a weights file: {why}") from None
+    if not state:
+        raise ValueError(f"{path}: not a state dict: the safetensors file holds no tensor")
+    return state

@@ -113,7 +113,7 @@ class TrainConfig:
     group_by: str | None = option(None, "patient or slide (default: patient if several)")
     # Test slides labelled by a submission (kit.pseudo): training slides in every fold.
     pseudo: str = option("", "submission CSV whose test slides join the training slides")
-    model: str = option("fcn_resnet50", "kit.model name, e.g. fcn_resnet50")
+    model: str = option("fcn_resnet50", "kit.model name, e.g. fcn_resnet50 or unet_resnet34")
     pretrained: str | None = option(None, "'auto' (local torchvision files), a .pth file or none")
     # torchvision's MobileNetV3 uses 0.01: its running statistics then lag far behind the weights
     # in a run of a few hundred steps, and the model in eval mode predicts nothing.

@@ -379,6 +379,18 @@ def test_every_dependency_is_in_the_image_or_the_wheelhouse():
     assert {"rasterio", "tifffile"} <= set(pins)
 
 
+def test_implied_image_packages_are_required_by_documented_ones():
+    """KAGGLE_IMAGE_IMPLIED names a documented distribution that cannot be installed without it."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    for name, parent in wheels.KAGGLE_IMAGE_IMPLIED.items():
+        assert parent in wheels.KAGGLE_IMAGE_DOCUMENTED, (name, parent)
+        required = [Requirement(r) for r in importlib.metadata.requires(parent)]
+        unconditional = {canonicalize_name(r.name) for r in required if r.marker is None}
+        assert name in unconditional, f"{parent} does not require {name}"
+
+
 def test_opencv_is_required_by_no_distribution_name_of_the_kits_own():
     """cv2 comes with albumentations; the image may hold it as opencv-python or -contrib, and an
     offline install fails on a requirement named otherwise than the installed distribution."""

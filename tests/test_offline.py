@@ -51,7 +51,19 @@ HIDDEN = (
     "click",
     "click_plugins",
     "certifi",
+    # segmentation_models_pytorch and what it brings (wheels/requirements.txt)
+    "segmentation_models_pytorch",
+    "timm",
+    "safetensors",
+    "huggingface_hub",
+    "hf_xet",
+    "requests",
+    "urllib3",
+    "idna",
+    "charset_normalizer",
 )
+# Shipped modules the notebook must import from the wheels (a U-Net checkpoint needs smp's).
+SHIPPED = ("kit", "rasterio", "tifffile", "segmentation_models_pytorch", "timm", "safetensors")
 
 GUARD = '''
 """Offline-test network guard: refuse and record every non-loopback network attempt."""
@@ -302,8 +314,9 @@ def dataset_slugs() -> tuple[str, str]:
     return wheels_id.split("/")[1], others[0].split("/")[1]
 
 
-def lay_out_inputs(stand_in: KaggleStandIn, wheelhouse: Path, tmp: Path) -> Path:
-    """Competition data, the model dataset and the wheels dataset under the input root."""
+def lay_out_inputs(stand_in: KaggleStandIn, wheelhouse: Path, tmp: Path, model_name: str) -> Path:
+    """Competition data, the model dataset (a random `model_name`) and the wheels dataset under
+    the input root."""
     from kit.checkpoint import checkpoint_dict, export_model, save_checkpoint
     from kit.model import build_model
     from kit.synthetic import make_dataset
@@ -312,7 +325,7 @@ def lay_out_inputs(stand_in: KaggleStandIn, wheelhouse: Path, tmp: Path) -> Path
     wheels_slug, model_slug = dataset_slugs()
     data = make_dataset(stand_in.input / COMPETITION, slides=3, test_slides=2, size=(1024, 1280))
     run_dir = tmp / "run"
-    model = build_model("lraspp_mobilenet_v3_large")  # small and quick on a CPU; random weights
+    model = build_model(model_name)  # random weights
     ckpt = checkpoint_dict(model, preset("quick"), epoch=1, metrics={"dice": 0.5})
     save_checkpoint(run_dir / "best.pt", ckpt)
     (run_dir / "config.json").write_text(json.dumps({"train": ckpt["config"]}))
@@ -328,7 +341,7 @@ def lay_out_inputs(stand_in: KaggleStandIn, wheelhouse: Path, tmp: Path) -> Path
 def test_image_venv_lacks_the_kit_and_the_shipped_packages(kaggle_stand_in, local_wheelhouse):
     """Before anything is installed: no kit, no rasterio/tifffile; torch & co. are there; and
     the wheelhouse alone resolves the kit's whole install, offline."""
-    for module in ("kit", "rasterio", "tifffile", "affine", "cligj"):
+    for module in (*SHIPPED, "affine", "cligj", "huggingface_hub", "requests"):
         assert kaggle_stand_in.find_spec(module) is None, module
     for module in ("torch", "torchvision", "numpy", "pandas", "albumentations", "cv2", "ipykernel"):
         assert kaggle_stand_in.find_spec(module) is not None, module
@@ -336,7 +349,10 @@ def test_image_venv_lacks_the_kit_and_the_shipped_packages(kaggle_stand_in, loca
         "install", "--dry-run", "--no-index", "--find-links", local_wheelhouse, "hubmap-kit"
     )
     would = proc.stdout.split("Would install", 1)[-1].split()
-    for name in ("hubmap-kit", "rasterio", "tifffile", "affine", "cligj", "click-plugins"):
+    for name in (
+        *("hubmap-kit", "rasterio", "tifffile", "affine", "cligj", "click-plugins"),
+        *("segmentation-models-pytorch", "timm", "safetensors", "huggingface-hub", "requests"),
+    ):
         assert any(w.startswith(name + "-") for w in would), (name, proc.stdout)
     assert kaggle_stand_in.network_attempts() == ""
 
@@ -391,23 +407,28 @@ def _missing_notebook() -> str:
 # Skipped only while the notebook does not exist (decided before the fixtures build anything).
 @pytest.mark.skipif(not NOTEBOOK.is_file(), reason=_missing_notebook())
 @pytest.mark.slow
-def test_submission_notebook_runs_offline(kaggle_stand_in, local_wheelhouse, tmp_path):
+# LRASPP-MobileNetV3 is small and quick on a CPU; unet_resnet18 is the smallest smp U-Net whose
+# encoder takes torchvision's files, and needs smp, timm and huggingface-hub from the wheels.
+@pytest.mark.parametrize("model_name", ["lraspp_mobilenet_v3_large", "unet_resnet18"])
+def test_submission_notebook_runs_offline(kaggle_stand_in, local_wheelhouse, tmp_path, model_name):
     """notebooks/03_submission.ipynb on the Kaggle layout: installs the kit from the wheels
     dataset, predicts the test slides, writes a valid submission.csv, never touches the network."""
-    run_offline(kaggle_stand_in, NOTEBOOK, local_wheelhouse, tmp_path)
+    run_offline(kaggle_stand_in, NOTEBOOK, local_wheelhouse, tmp_path, model_name)
 
 
-def run_offline(stand_in: KaggleStandIn, notebook: Path, wheelhouse: Path, tmp: Path) -> None:
+def run_offline(
+    stand_in: KaggleStandIn, notebook: Path, wheelhouse: Path, tmp: Path, model_name: str
+) -> None:
     """Lay out the inputs, execute `notebook` offline, check what it installed and wrote."""
     from kit.submit import check_submission
 
-    data = lay_out_inputs(stand_in, wheelhouse, tmp)
+    data = lay_out_inputs(stand_in, wheelhouse, tmp, model_name)
     assert stand_in.find_spec("kit") is None
     stand_in.execute(notebook)
 
     # The kit and the shipped packages now come from the venv itself: installed from the wheels.
     venv_site = str(stand_in.venv)
-    for module in ("kit", "rasterio", "tifffile"):
+    for module in SHIPPED:
         origin = stand_in.find_spec(module)
         assert origin is not None and origin.startswith(venv_site), (module, origin)
     submission = stand_in.working / "submission.csv"
