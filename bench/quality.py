@@ -117,6 +117,16 @@ RECIPES = {
             infer=dict(overlap=256),
         ),
     ),
+    # as quick-1024 with smp's U-Net on a ResNet-34 encoder (kit.unet), randomly initialised:
+    # no ImageNet weights are at hand here (pass pretrained="auto" where resnet34-b627a593.pth is)
+    "unet-resnet34": (
+        "quick",
+        dict(
+            model="unet_resnet34",
+            data=dict(window=1024, scale=4, overlap=256),
+            infer=dict(overlap=256),
+        ),
+    ),
 }
 
 

@@ -61,7 +61,7 @@ from kit.env import scratch_dir
 from kit.infer import InferConfig
 from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore, Mean, dice_from_counts
-from kit.model import build_model
+from kit.model import build_model, check_model_name
 from kit.progress import progress_bar, show_progress
 from kit.pseudo import PseudoLabels, read_pseudo_labels
 from kit.stain import stats_list, target_stats
@@ -157,6 +157,7 @@ class TrainConfig:
             raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
         if not 0.0 <= self.stain_augment <= 1.0:
             raise ValueError(f"stain_augment must be in [0, 1], got {self.stain_augment!r}")
+        check_model_name(self.model)  # before any tile is cached
         self.valid = list(self.valid)
         self.data = DataConfig(**{**_as_dict(self.data), "seed": self.seed})
         shared = {name: getattr(self.data, name) for name in SHARED_FIELDS}

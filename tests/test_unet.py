@@ -59,6 +59,25 @@ def test_bad_names_are_clear_errors(name, message):
         build_model(name)
 
 
+def test_a_bad_model_name_stops_the_config():
+    from kit.train import preset
+
+    assert preset("quick", model="unet_resnet34").model == "unet_resnet34"
+    with pytest.raises(ValueError, match="smp has no encoder 'resnet35'"):
+        preset("quick", model="unet_resnet35")
+
+
+def test_train_with_a_bad_model_name_is_one_line_listing_the_families(tmp_path, capsys):
+    from kit.cli import main
+
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert main([*argv, "--model", "segformer_b0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model name 'segformer_b0'") and err.count("\n") == 1
+    assert "lraspp_mobilenet_v3_large" in err and "{unet,unetplusplus,fpn}_ENCODER" in err
+    assert not (tmp_path / "run").exists()
+
+
 # --- input sides ------------------------------------------------------------------------------
 
 
