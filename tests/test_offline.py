@@ -1,6 +1,6 @@
 """Proof that the submission notebook runs on Kaggle without internet, from the wheelhouse alone.
 
-Built once per test session:
+Built once per test session (1) and once per test (2, 3):
 
 1. the wheelhouse for this interpreter (``kit.wheels.build_wheelhouse(target="local")``): the
    kit's own wheel and wheels/requirements.txt, nothing else;
@@ -8,7 +8,8 @@ Built once per test session:
    ``.pth`` line naming a folder of symlinks to the development venv's site-packages (torch,
    numpy, pandas, albumentations, opencv, ipykernel... as the image preinstalls them) without the
    kit (its editable finder and its dist-info, so pip does not think it installed) and without
-   rasterio, tifffile and rasterio's small dependencies, so only the wheelhouse can supply them;
+   rasterio, tifffile, segmentation_models_pytorch and the small dependencies of both, so only
+   the wheelhouse can supply them;
 3. a network guard in that venv (a ``.pth`` import hook, run by every Python process there) that
    refuses every non-loopback ``connect``/``getaddrinfo``/``sendto`` and records it to a file.
 
@@ -189,9 +190,12 @@ def local_wheelhouse(tmp_path_factory) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def image_venv(tmp_path_factory) -> Path:
-    """A fresh venv seeing the development venv's packages, minus the kit and HIDDEN ones."""
+    """A fresh venv seeing the development venv's packages, minus the kit and HIDDEN ones.
+
+    One per test (a few seconds): a notebook run installs the kit into it, and the next run
+    must start without (the notebook test runs once per model)."""
     base = tmp_path_factory.mktemp("image")
     venv = base / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv])
