@@ -58,6 +58,7 @@ from kit.losses import BCEDiceLoss
 from kit.metrics import DiceScore, Mean
 from kit.model import build_model
 from kit.progress import progress_bar, show_progress
+from kit.sampling import CropDataset, build_slide_caches
 
 # Folds of a grouped k-fold when n_folds is not given (fewer when there are fewer groups).
 DEFAULT_FOLDS = 4
@@ -450,6 +451,19 @@ def tile_caches(cfg: TrainConfig, ids: list[str], progress: bool | None = None) 
     return build_tile_caches(cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress)
 
 
+def train_dataset(
+    cfg: TrainConfig, ids: list[str], progress: bool | None = None
+) -> TileDataset | CropDataset:
+    """The training set of slides ``ids``, its caches built where missing: grid tiles, or crops
+    drawn each epoch around glomeruli (``cfg.data.sampling == "centred"``, `kit.sampling`)."""
+    if cfg.data.sampling == "centred":
+        folders = build_slide_caches(
+            cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress
+        )
+        return CropDataset(folders, cfg.data, train_transforms())
+    return TileDataset(tile_caches(cfg, ids, progress=progress), train_transforms())
+
+
 def tile_cache_dir(cfg: TrainConfig) -> Path:
     """The folder of the run's tile caches: ``cfg.cache_dir``, else ``tile-cache`` beside the run
     folder (runs with the same tile settings share it).
@@ -471,7 +485,7 @@ class _Data:
 
     train_ids: list[str]
     valid_ids: list[str]
-    train_ds: TileDataset
+    train_ds: TileDataset | CropDataset
     valid_ds: TileDataset
     train_dl: DataLoader
     valid_dl: DataLoader
@@ -488,9 +502,10 @@ class _Data:
         ctx.print(f"tile cache: {tile_cache_dir(cfg)}")
         # Rank 0 builds the caches; the others then find them complete instead of racing.
         if ctx.rank == 0:
-            tile_caches(cfg, train_slides + valid_slides, progress=progress)
+            train_dataset(cfg, train_slides, progress=progress)
+            tile_caches(cfg, valid_slides, progress=progress)
         ctx.barrier()
-        train_ds = TileDataset(tile_caches(cfg, train_slides, progress=False), train_transforms())
+        train_ds = train_dataset(cfg, train_slides, progress=False)
         valid_ds = TileDataset(tile_caches(cfg, valid_slides, progress=False), eval_transforms())
         workers = cfg.workers
         if workers is None:
@@ -630,7 +645,7 @@ def _save_epoch(
     return best
 
 
-def _train_loader(ds: TileDataset, cfg: TrainConfig, ctx: _Distributed, workers: int):
+def _train_loader(ds: TileDataset | CropDataset, cfg: TrainConfig, ctx: _Distributed, workers: int):
     if len(ds) == 0:
         raise ValueError("no training tiles: check the slides' masks and the tile settings")
     sampler = (
