@@ -77,6 +77,23 @@ RECIPES = {
     ),
     # the `cpu` preset (kit.train.PRESETS)
     "cpu": ("cpu", dict()),
+    # as quick-1024, trained on crops drawn each epoch around glomeruli plus tissue and glass
+    # negatives (kit.sampling) instead of the fixed grid; validation unchanged
+    "centred": (
+        "quick",
+        dict(
+            data=dict(window=1024, scale=4, overlap=256, sampling="centred"),
+            infer=dict(overlap=256),
+        ),
+    ),
+    # as centred, tissue crops weighted by region: cortex 0.7, medulla 0.2, elsewhere 0.1
+    "cortex-weighted": (
+        "quick",
+        dict(
+            data=dict(window=1024, scale=4, overlap=256, sampling="centred", region_weighting=True),
+            infer=dict(overlap=256),
+        ),
+    ),
 }
 
 

@@ -71,10 +71,11 @@ SLIDE_CACHE_FORMAT = 1
 SLIDE_CACHE_FIELDS = ("scale", "mask_source", "tissue_saturation")
 REGIONS = ("outside", "cortex", "medulla")  # region.npy codes 0, 1, 2
 ANATOMY_NAMES = {"Cortex": 1, "Medulla": 2}  # anatomy file names -> codes, Medulla painted last
+_ARRAYS = ("image", "mask", "region")  # the (h, w[, 3]) arrays of a slide cache
 CELL = 16  # side of a cell of cells.npy, downscaled px
 CELL_CLASSES = ("glomerulus", "glass", "tissue outside", "tissue cortex", "tissue medulla")
 CROP_KINDS = ("positive", "tissue", "background")
-# What an item is centred on when its slide has no pixel of its kind.
+# What an item is centred on when its slide has no pixel of its kind (of weight > 0).
 FALLBACKS = {
     "positive": ("positive", "tissue", "background"),
     "tissue": ("tissue", "background"),
@@ -330,9 +331,6 @@ def _write_cells(folder: Path, saturation: int) -> np.ndarray:
     cells.flush()
     del cells
     return totals
-
-
-_ARRAYS = ("image", "mask", "region")
 
 
 # --------------------------------------------------------------------------- crops
