@@ -72,7 +72,8 @@ def _value_kwargs(hint) -> dict:
     if base is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(base) is list:
-        return {"nargs": "+"}
+        item = typing.get_args(base)[0]
+        return {"nargs": "+", "type": item if item in (int, float) else str}
     convert = base if base in (int, float) else str
     return {"type": _or_none(convert) if optional else convert}
 

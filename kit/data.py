@@ -74,6 +74,19 @@ class DataConfig:
     # cache's manifest) to the run's target, which depends on the split: caches stay shared by
     # every fold and setting.
     stain_norm: str = option("none", "per-slide stain normalisation: none or reinhard")
+    # How training crops are chosen: the cached grid above, or crops drawn each epoch from a
+    # downscaled copy of each slide (kit.sampling); the fields below apply to "centred" only.
+    sampling: str = option("grid", "'grid' (cached tiling windows) or 'centred' (kit.sampling)")
+    crops_per_slide: int = option(64, "centred: crops drawn from each training slide per epoch")
+    positive_crops: float = option(0.5, "centred: share of crops centred on a glomerulus")
+    background_crops: float = option(0.1, "centred: share centred on glass; the rest on tissue")
+    crop_shift: float = option(0.25, "centred: largest glomerulus offset, share of the crop side")
+    region_weighting: bool = option(False, "centred: weight tissue crops by anatomical region")
+    region_weights: list[float] = option(
+        help="centred: weights of a tissue pixel in cortex, medulla and outside both",
+        factory=lambda: [0.7, 0.2, 0.1],
+        metavar="W",
+    )
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.scale <= 0 or self.window % self.scale:
@@ -91,11 +104,53 @@ class DataConfig:
             raise ValueError(f"mask_source must be 'rle' or 'json', got {self.mask_source!r}")
         if self.stain_norm not in STAIN_METHODS:
             raise ValueError(f"stain_norm must be one of {STAIN_METHODS}, got {self.stain_norm!r}")
+        check_sampling(self)
 
     @property
     def tile(self) -> int:
         """Side of a cached tile in pixels."""
         return self.window // self.scale
+
+
+# The fields of the centred sampler: the grid tile cache does not depend on them.
+SAMPLER_FIELDS = (
+    "sampling", "crops_per_slide", "positive_crops", "background_crops", "crop_shift",
+    "region_weighting", "region_weights",
+)  # fmt: skip
+# What a grid tile cache does not depend on: the sampler's fields, and stain_norm (TileDataset
+# maps each tile after the cache).
+CACHE_FREE_FIELDS = (*SAMPLER_FIELDS, "stain_norm")
+
+
+def check_sampling(cfg: DataConfig) -> None:
+    """ValueError naming the first sampler field of ``cfg`` out of its range."""
+    if cfg.sampling not in ("grid", "centred"):
+        raise ValueError(f"sampling must be 'grid' or 'centred', got {cfg.sampling!r}")
+    count = cfg.crops_per_slide
+    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+        raise ValueError(f"crops_per_slide must be an integer >= 1, got {cfg.crops_per_slide!r}")
+    for name in ("positive_crops", "background_crops"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)!r}")
+    if cfg.positive_crops + cfg.background_crops > 1.0:
+        raise ValueError(
+            f"positive_crops + background_crops must be <= 1 (the rest are tissue crops), got "
+            f"{cfg.positive_crops} + {cfg.background_crops}"
+        )
+    if not 0.0 <= cfg.crop_shift <= 0.5:
+        raise ValueError(
+            f"crop_shift must be in [0, 0.5] (of the crop side), got {cfg.crop_shift!r}"
+        )
+    try:
+        weights = [float(w) for w in cfg.region_weights]
+    except (TypeError, ValueError):
+        weights = []
+    if len(weights) != 3 or not all(0 <= w < np.inf for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            "region_weights must be 3 finite weights >= 0 (cortex, medulla, outside), not all 0,"
+            f" got {cfg.region_weights!r}"
+        )
+    cfg.region_weights = weights
 
 
 # --------------------------------------------------------------------------- slides and masks
@@ -236,8 +291,7 @@ def cache_key(path: str | os.PathLike, mask_digest: str, cfg: DataConfig) -> tup
             "mtime_ns": stat.st_mtime_ns,
         },
         "mask": mask_digest,
-        # stain_norm is applied per tile, after the cache (TileDataset): not a cache input
-        "config": {k: v for k, v in asdict(cfg).items() if k != "stain_norm"},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in CACHE_FREE_FIELDS},
     }
     return _digest(json.dumps(inputs, sort_keys=True).encode()), inputs
 
@@ -268,7 +322,7 @@ def build_tile_cache(
     key, inputs = cache_key(path, digest, cfg)
     cache_dir = Path(cache_dir)
     folder = cache_dir / f"{slide_id}-{key[:16]}"
-    if _manifest_key(folder) == key:
+    if manifest_key(folder) == key:
         return folder
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -291,18 +345,20 @@ def build_tile_cache(
         }
         atomic.write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))  # last: whole
         # Another process (a second rank, a parallel run) may have finished the same cache first.
-        atomic.place_folder(tmp, folder, keep=lambda f: _manifest_key(f) == key)
+        atomic.place_folder(tmp, folder, keep=lambda f: manifest_key(f) == key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _prune_stale(cache_dir, slide_id, inputs["slide"])
+    prune_stale_caches(cache_dir, slide_id, inputs["slide"])
     return folder
 
 
-def _prune_stale(cache_dir: Path, slide_id: str, slide: dict) -> None:
+def prune_stale_caches(cache_dir: Path, slide_id: str, slide: dict) -> None:
     """Delete what can never be reused: this slide's caches built from an earlier version of its
     file, and temporary folders of builds whose process died (killed mid-build).
 
-    Caches of the same file with other parameters are kept (another run may use them).
+    Caches of the same file with other parameters are kept (another run may use them). Any
+    folder ``{slide_id}-*`` whose manifest records ``inputs.slide`` (the file's path, size and
+    mtime) counts: the tile caches and `kit.sampling`'s slide caches alike.
     """
     for folder in cache_dir.glob(f"{slide_id}-*"):
         try:
@@ -387,19 +443,21 @@ def build_tile_caches(
 
 
 def cache_stain_stats(folder: str | os.PathLike) -> Stats | None:
-    """The stain statistics of a tile cache's slide (`kit.stain.slide_stats`, saved when the
-    cache was built): float64 (2, 3), or None for a slide showing no tissue."""
+    """The stain statistics of a tile (or `kit.sampling` slide) cache's slide
+    (`kit.stain.slide_stats`, saved when the cache was built): float64 (2, 3), or None for a
+    slide showing no tissue."""
     path = Path(folder) / "manifest.json"
     try:
         stain = json.loads(path.read_text())["stain"]
     except FileNotFoundError:
-        raise FileNotFoundError(f"not a tile cache (no manifest.json): {folder}") from None
+        raise FileNotFoundError(f"not a cache (no manifest.json): {folder}") from None
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: no stain statistics ({err!r}); rebuild the cache") from err
     return None if stain is None else np.asarray(stain, dtype=np.float64).reshape(2, 3)
 
 
-def _manifest_key(folder: Path) -> str | None:
+def manifest_key(folder: Path) -> str | None:
+    """The key in ``folder/manifest.json``; None when there is none (missing, partial, foreign)."""
     try:
         return json.loads((folder / "manifest.json").read_text())["key"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -438,7 +496,7 @@ class TileDataset(torch.utils.data.Dataset):
     ):
         self.folders = [Path(f) for f in folders]
         for folder in self.folders:
-            if _manifest_key(folder) is None:
+            if manifest_key(folder) is None:
                 raise FileNotFoundError(f"not a tile cache (no manifest.json): {folder}")
         self.transforms = transforms
         # One per folder: a slide's tiles share its mapping (the identity without stain_norm).
@@ -481,17 +539,26 @@ class TileDataset(torch.utils.data.Dataset):
         image = self.normalisers[part](tile)
         if image is tile:  # not normalised: copied too (a normalised tile is a new array)
             image = np.array(tile)
-        if self.transforms is not None:
-            if seed is not None:
-                self.transforms.set_random_seed(seed)
-            out = self.transforms(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
-        return image, torch.from_numpy(np.ascontiguousarray(mask))[None].float()
+        return to_sample(image, mask, self.transforms, seed)
 
     def __getstate__(self) -> dict:
         # Workers map the files themselves instead of receiving pickled copies of the arrays.
         return {**self.__dict__, "_arrays": None}
+
+
+def to_sample(
+    image: np.ndarray, mask: np.ndarray, transforms=None, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training sample from a uint8 (t, t, 3) image and its uint8 (t, t) 0/1 mask: augmented
+    by ``transforms`` (reseeded with ``seed`` unless None), as float32 (3, t, t) in [0, 1] and
+    float32 (1, t, t)."""
+    if transforms is not None:
+        if seed is not None:
+            transforms.set_random_seed(seed)
+        out = transforms(image=image, mask=mask)
+        image, mask = out["image"], out["mask"]
+    image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
+    return image, torch.from_numpy(np.ascontiguousarray(mask))[None].float()
 
 
 def seed_worker(worker_id: int) -> None:

@@ -100,15 +100,19 @@ def lab_stats(rgb: np.ndarray, mask: np.ndarray | None = None) -> Stats | None:
 
 
 def slide_stats(
-    slide: Slide, saturation: int = TISSUE_SATURATION, scale: int = STATS_SCALE
+    slide: Slide,
+    saturation: int = TISSUE_SATURATION,
+    scale: int = STATS_SCALE,
+    chunk_pixels: int | None = None,
 ) -> Stats | None:
     """A slide's stain statistics: `lab_stats` of its tissue on the thumbnail at ``scale``.
 
     Tissue is the kit's tissue rule (`kit.tiling.tissue_mask` with ``saturation``), so glass,
     scanner padding and dark borders do not count. None for a slide showing no tissue.
-    ``Slide.thumbnail`` decodes the whole slide unless the file has overviews.
+    ``Slide.thumbnail`` decodes the whole slide unless the file has overviews, ``chunk_pixels``
+    (default: its own) at a time.
     """
-    thumb = slide.thumbnail(scale)
+    thumb = slide.thumbnail(scale, *([] if chunk_pixels is None else [chunk_pixels]))
     return lab_stats(thumb, tissue_mask(thumb, saturation))
 
 

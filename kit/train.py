@@ -64,6 +64,7 @@ from kit.metrics import DiceScore, Mean, dice_from_counts
 from kit.model import build_model, check_model_name
 from kit.progress import progress_bar, show_progress
 from kit.pseudo import PseudoLabels, read_pseudo_labels
+from kit.sampling import CropDataset, build_slide_caches
 from kit.stain import stats_list, target_stats
 from kit.submit import share_slides
 
@@ -488,10 +489,35 @@ def tile_caches(
 
 def stain_target(cfg: TrainConfig, train_caches: list[Path]) -> list[float] | None:
     """The statistics every slide is mapped to with ``cfg.data.stain_norm``: the mean of the
-    training slides' (`kit.stain.target_stats`, from their tile caches); None without it."""
+    training slides' (`kit.stain.target_stats`, from their tile or slide caches); None without
+    it."""
     if cfg.data.stain_norm == "none":
         return None
     return stats_list(target_stats([cache_stain_stats(f) for f in train_caches]))
+
+
+def train_dataset(
+    cfg: TrainConfig,
+    ids: list[str],
+    progress: bool | None = None,
+    labels: PseudoLabels | None = None,
+) -> TileDataset | CropDataset:
+    """The training set of slides ``ids``, its caches built where missing: grid tiles, or crops
+    drawn each epoch around glomeruli (``cfg.data.sampling == "centred"``, `kit.sampling`).
+
+    Slides of ``labels`` get their masks from it. With ``cfg.data.stain_norm`` every tile is
+    mapped onto the mean stain statistics of these slides (`stain_target`)."""
+    transforms = train_transforms(stain_augment=cfg.stain_augment)
+    if cfg.data.sampling == "centred":
+        masks = labels.masks if labels is not None else None
+        folders = build_slide_caches(
+            cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress, masks=masks
+        )
+        stain = {"stain_norm": cfg.data.stain_norm, "stain_target": stain_target(cfg, folders)}
+        return CropDataset(folders, cfg.data, transforms, **stain)
+    folders = tile_caches(cfg, ids, progress=progress, labels=labels)
+    stain = {"stain_norm": cfg.data.stain_norm, "stain_target": stain_target(cfg, folders)}
+    return TileDataset(folders, transforms, **stain)
 
 
 def tile_cache_dir(cfg: TrainConfig) -> Path:
@@ -515,7 +541,7 @@ class _Data:
 
     train_ids: list[str]
     valid_ids: list[str]
-    train_ds: TileDataset
+    train_ds: TileDataset | CropDataset
     valid_ds: TileDataset
     train_dl: DataLoader
     valid_dl: DataLoader
@@ -537,14 +563,18 @@ class _Data:
         ctx.print(f"tile cache: {tile_cache_dir(cfg)}")
         # Each rank builds the caches of its share of the slides (a cache is placed whole, by
         # one rename: kit.data.build_tile_cache); then every rank finds them all complete.
-        slides = train_slides + valid_slides
-        mine = [slides[k] for k in slide_share(cfg, slides, ctx.rank, ctx.world)]
-        tile_caches(cfg, mine, progress=progress, labels=labels)
+        mine = set(slide_share(cfg, train_slides + valid_slides, ctx.rank, ctx.world))
+        n = len(train_slides)
+        train_dataset(cfg, [s for k, s in enumerate(train_slides) if k in mine], progress, labels)
+        tile_caches(
+            cfg, [s for k, s in enumerate(valid_slides) if k + n in mine], progress=progress
+        )
         ctx.barrier()
-        train_caches = tile_caches(cfg, train_slides, progress=False, labels=labels)
-        stain = {"stain_norm": cfg.data.stain_norm, "stain_target": stain_target(cfg, train_caches)}
-        transforms = train_transforms(stain_augment=cfg.stain_augment)
-        train_ds = TileDataset(train_caches, transforms, **stain)
+        train_ds = train_dataset(cfg, train_slides, False, labels)
+        stain = {
+            "stain_norm": cfg.data.stain_norm,
+            "stain_target": stain_target(cfg, train_ds.folders),
+        }
         valid_ds = TileDataset(
             tile_caches(cfg, valid_slides, progress=False), eval_transforms(), **stain
         )
@@ -686,7 +716,7 @@ def _save_epoch(
     return best
 
 
-def _train_loader(ds: TileDataset, cfg: TrainConfig, ctx: _Distributed, workers: int):
+def _train_loader(ds: TileDataset | CropDataset, cfg: TrainConfig, ctx: _Distributed, workers: int):
     if len(ds) == 0:
         raise ValueError("no training tiles: check the slides' masks and the tile settings")
     sampler = (
