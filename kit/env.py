@@ -167,6 +167,9 @@ DEPENDENCIES = {
     "numba": "numba",
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
+    "segmentation_models_pytorch": "segmentation-models-pytorch",
+    "timm": "timm",
+    "safetensors": "safetensors",
 }
 
 
