@@ -191,7 +191,8 @@ PRESETS = {
     # cores: the quick preset's small network from scratch on the `full` preset's 1024 px windows
     # seen at 256 px, which hold a whole 200-400 px glomerulus with its surroundings. Sized to
     # train within 10 minutes on ~6 realistic slides. Measured on the realistic default (2 cores,
-    # shared): 403 s with the tile cache, held-out whole-slide Dice 0.914 (patient fold 0, seed 0).
+    # idle): 403 s with the tile cache; held-out whole-slide Dice 0.903 +- 0.021 over 3 seeds
+    # (patient fold 0; bench/quality.py --recipes cpu).
     "cpu": dict(
         model="lraspp_mobilenet_v3_large",
         bn_momentum=0.1,
