@@ -29,7 +29,7 @@ from kit.competition import Competition
 from kit.data import (
     DataConfig,
     TileDataset,
-    build_tile_caches,
+    build_caches,
     seed_worker,
     train_transforms,
 )
@@ -125,7 +125,7 @@ def main() -> None:
     ids = Competition(args.data).train_ids
 
     start = time.perf_counter()
-    folders = build_tile_caches(args.data, ids, cfg, args.cache_dir)
+    folders = build_caches(args.data, ids, cfg, args.cache_dir)
     cache = TileDataset(folders, train_transforms(seed=0))
     print(
         f"tile cache: {len(cache)} tiles of {cfg.tile} px from {len(ids)} slides, "

@@ -280,16 +280,17 @@ def _column_strips(tiles, shape) -> Iterable[tuple[slice, list[int]]]:
 # --------------------------------------------------------------------------- tile cache
 
 
+def file_identity(path: str | os.PathLike) -> dict:
+    """What tells a slide file's versions apart in a cache key: its path, size and mtime."""
+    stat = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def cache_key(path: str | os.PathLike, mask_digest: str, cfg: DataConfig) -> tuple[str, dict]:
     """Hash of everything a slide's tiles depend on: the file's identity, its mask, the config."""
-    stat = os.stat(path)
     inputs = {
         "format": CACHE_FORMAT,
-        "slide": {
-            "path": str(Path(path).resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-        },
+        "slide": file_identity(path),
         "mask": mask_digest,
         "config": {k: v for k, v in asdict(cfg).items() if k not in CACHE_FREE_FIELDS},
     }
@@ -325,26 +326,40 @@ def build_tile_cache(
     if manifest_key(folder) == key:
         return folder
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{slide_id}-{os.getpid()}-", dir=cache_dir))
-    try:
+    def fill(tmp: Path) -> dict:
         index = select_tiles(index_slide(path, strip, cfg, slide_id), cfg)
         with tile_bar(f"tiles {slide_id}", progress) as advance:
             _write_tiles(tmp, path, strip, shape, index, cfg, advance)
         with Slide(path) as slide:
             stain = slide_stats(slide, cfg.tissue_saturation)
         index.to_csv(tmp / "index.csv", index=False)
-        manifest = {
-            "key": key,
-            "slide_id": slide_id,
+        return {
             "count": len(index),
             "tile": cfg.tile,
             "kinds": {k: int((index["kind"] == k).sum()) for k in KINDS},
             "stain": stats_list(stain),
-            "inputs": inputs,
         }
+
+    return place_cache(folder, slide_id, key, inputs, fill)
+
+
+def place_cache(
+    folder: Path, slide_id: str, key: str, inputs: dict, fill: Callable[[Path], dict]
+) -> Path:
+    """Build the cache ``folder`` of slide ``slide_id`` whole or not at all; return it.
+
+    ``fill(tmp)`` writes the cache's files into a temporary folder beside ``folder`` and returns
+    the manifest's own fields; ``manifest.json`` (``key``, ``slide_id``, those fields,
+    ``inputs``) is written last, then the folder is renamed into place (another process, a
+    second rank or a parallel run, may have placed the same cache first: it is kept) and this
+    slide's stale caches are pruned. A crash leaves nothing half-written.
+    """
+    cache_dir = folder.parent
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{slide_id}-{os.getpid()}-", dir=cache_dir))
+    try:
+        manifest = {"key": key, "slide_id": slide_id, **fill(tmp), "inputs": inputs}
         atomic.write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))  # last: whole
-        # Another process (a second rank, a parallel run) may have finished the same cache first.
         atomic.place_folder(tmp, folder, keep=lambda f: manifest_key(f) == key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -424,7 +439,7 @@ def downscale_mask(mask: np.ndarray, scale: int) -> np.ndarray:
     return (downscale(mask * np.uint8(255), scale) >= 128).astype(np.uint8)
 
 
-def build_tile_caches(
+def build_caches(
     data_dir: str | os.PathLike,
     ids: Sequence[str],
     cfg: DataConfig,
@@ -432,14 +447,12 @@ def build_tile_caches(
     *,
     progress: bool | None = None,
     masks: Mapping[str, str] | None = None,
+    build: Callable[..., Path] = build_tile_cache,
 ) -> list[Path]:
-    """``build_tile_cache`` for each slide id, in order; ``masks``: slide id -> RLE given
-    instead of the truth (pseudo-labels)."""
+    """``build`` (`build_tile_cache`, or `kit.sampling.build_slide_cache`) for each slide id, in
+    order; ``masks``: slide id -> RLE given instead of the truth (pseudo-labels)."""
     masks = masks or {}
-    return [
-        build_tile_cache(data_dir, i, cfg, cache_dir, progress=progress, rle=masks.get(i))
-        for i in ids
-    ]
+    return [build(data_dir, i, cfg, cache_dir, progress=progress, rle=masks.get(i)) for i in ids]
 
 
 def cache_stain_stats(folder: str | os.PathLike) -> Stats | None:

@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kit.competition import Competition
-from kit.rle import parse
-from kit.slides import Slide
-from kit.submit import read_submission
+from kit.submit import check_rles, read_submission
 
 __all__ = ["PseudoLabels", "file_digest", "read_pseudo_labels"]
 
@@ -82,13 +80,7 @@ def read_pseudo_labels(csv: str | os.PathLike, data_dir: str | os.PathLike) -> P
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{csv}: {err}") from err
     masks = dict(zip(ids, (str(rle).strip() for rle in frame["predicted"]), strict=True))
-    for row, (slide_id, rle) in enumerate(masks.items()):
-        with Slide(paths[slide_id]) as slide:
-            shape = slide.shape
-        try:
-            parse(rle, shape)
-        except ValueError as err:
-            raise ValueError(f"{csv}: row {row}, id {slide_id} (shape {shape}): {err}") from err
+    check_rles(csv, masks.items(), paths)
     return PseudoLabels(csv, file_digest(csv), masks)
 
 

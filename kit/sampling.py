@@ -40,8 +40,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -50,15 +48,15 @@ import albumentations as A
 import numpy as np
 import torch
 
-from kit import atomic
 from kit.competition import Competition, Polygon
 from kit.data import (
     DataConfig,
     cache_stain_stats,
     downscale_mask,
+    file_identity,
     manifest_key,
     mask_source,
-    prune_stale_caches,
+    place_cache,
     to_sample,
 )
 from kit.polygons import rasterize
@@ -176,14 +174,9 @@ def slide_cache_key(
 ) -> tuple[str, dict]:
     """Hash of everything a slide cache depends on, and the inputs hashed: the file's identity
     (path, size, mtime, as for the tile cache), its mask, its regions, `SLIDE_CACHE_FIELDS`."""
-    stat = os.stat(path)
     inputs = {
         "format": SLIDE_CACHE_FORMAT,
-        "slide": {
-            "path": str(Path(path).resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-        },
+        "slide": file_identity(path),
         "mask": mask_digest,
         "anatomy": regions_digest,
         "config": {name: getattr(cfg, name) for name in SLIDE_CACHE_FIELDS},
@@ -227,9 +220,8 @@ def build_slide_cache(
     folder = cache_dir / f"{slide_id}-slide-{key[:16]}"
     if manifest_key(folder) == key:
         return folder
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{slide_id}-{os.getpid()}-", dir=cache_dir))
-    try:
+
+    def fill(tmp: Path) -> dict:
         with tile_bar(f"slide {slide_id}", progress) as advance:
             _write_image(tmp, path, cfg.scale, chunk_pixels, advance)
         _write_mask(tmp, strip, shape, cfg.scale, chunk_pixels)
@@ -237,9 +229,7 @@ def build_slide_cache(
         counts = _write_cells(tmp, cfg.tissue_saturation)
         with Slide(path) as slide:
             stain = slide_stats(slide, cfg.tissue_saturation, chunk_pixels=chunk_pixels)
-        manifest = {
-            "key": key,
-            "slide_id": slide_id,
+        return {
             "shape": list(shape),
             "size": list(np.load(tmp / "mask.npy", mmap_mode="r").shape),
             "scale": cfg.scale,
@@ -247,32 +237,9 @@ def build_slide_cache(
             "pixels": {name: int(n) for name, n in zip(CELL_CLASSES, counts, strict=True)},
             "regions": sorted(name for name in ANATOMY_NAMES if anatomy.get(name)),
             "stain": stats_list(stain),
-            "inputs": inputs,
         }
-        atomic.write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))  # last: whole
-        atomic.place_folder(tmp, folder, keep=lambda f: manifest_key(f) == key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    prune_stale_caches(cache_dir, slide_id, inputs["slide"])
-    return folder
 
-
-def build_slide_caches(
-    data_dir: str | os.PathLike,
-    ids: Sequence[str],
-    cfg: DataConfig,
-    cache_dir: str | os.PathLike,
-    *,
-    progress: bool | None = None,
-    masks: Mapping[str, str] | None = None,
-) -> list[Path]:
-    """``build_slide_cache`` for each slide id, in order; ``masks``: slide id -> RLE given
-    instead of the truth (pseudo-labels)."""
-    masks = masks or {}
-    return [
-        build_slide_cache(data_dir, i, cfg, cache_dir, progress=progress, rle=masks.get(i))
-        for i in ids
-    ]
+    return place_cache(folder, slide_id, key, inputs, fill)
 
 
 def _chunk(block: int, n: int, scale: int, budget: int) -> int:

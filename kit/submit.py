@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -170,7 +170,18 @@ def check_submission(csv: str | os.PathLike, data_dir: str | os.PathLike) -> Non
                 + _id_difference(got, expected)
             )
     paths = Competition(data_dir).slide_paths(expected)
-    for row, (slide_id, rle) in enumerate(zip(got, frame["predicted"], strict=True)):
+    check_rles(csv, zip(got, frame["predicted"], strict=True), paths)
+
+
+def check_rles(
+    csv: str | os.PathLike,
+    rows: Iterable[tuple[str, str]],
+    paths: Mapping[str, str | os.PathLike],
+) -> None:
+    """ValueError naming ``csv``, the row, the id and the slide's shape for the first RLE of
+    ``rows`` (id, rle) that does not fit its slide at ``paths[id]`` (sorted, non-overlapping,
+    inside the slide)."""
+    for row, (slide_id, rle) in enumerate(rows):
         with Slide(paths[slide_id]) as slide:
             shape = slide.shape
         try:

@@ -48,7 +48,7 @@ from kit.config import option
 from kit.data import (
     DataConfig,
     TileDataset,
-    build_tile_caches,
+    build_caches,
     cache_stain_stats,
     default_workers,
     eval_transforms,
@@ -64,7 +64,7 @@ from kit.metrics import DiceScore, Mean, dice_from_counts
 from kit.model import build_model, check_model_name
 from kit.progress import progress_bar, show_progress
 from kit.pseudo import PseudoLabels, read_pseudo_labels
-from kit.sampling import CropDataset, build_slide_caches
+from kit.sampling import CropDataset, build_slide_cache
 from kit.stain import stats_list, target_stats
 from kit.submit import share_slides
 
@@ -483,7 +483,7 @@ def tile_caches(
     their masks from it.
     """
     masks = labels.masks if labels is not None else None
-    return build_tile_caches(
+    return build_caches(
         cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress, masks=masks
     )
 
@@ -511,8 +511,14 @@ def train_dataset(
     transforms = train_transforms(stain_augment=cfg.stain_augment)
     if cfg.data.sampling == "centred":
         masks = labels.masks if labels is not None else None
-        folders = build_slide_caches(
-            cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress, masks=masks
+        folders = build_caches(
+            cfg.data_dir,
+            ids,
+            cfg.data,
+            tile_cache_dir(cfg),
+            progress=progress,
+            masks=masks,
+            build=build_slide_cache,
         )
         stain = {"stain_norm": cfg.data.stain_norm, "stain_target": stain_target(cfg, folders)}
         return CropDataset(folders, cfg.data, transforms, **stain)

@@ -312,7 +312,7 @@ def test_tissue_negatives_are_the_tiles_inference_predicts(tmp_path, write_tiff)
 
 
 def test_dataset_items_are_float_tensors(dataset, tmp_path):
-    folders = data.build_tile_caches(
+    folders = data.build_caches(
         dataset, Competition(dataset).train_ids, CFG, tmp_path, progress=False
     )
     plain = TileDataset(folders, eval_transforms())
@@ -339,10 +339,10 @@ def test_dataset_items_are_float_tensors(dataset, tmp_path):
 
 def test_stain_normalised_tiles_map_each_slide_onto_the_target(dataset, tmp_path):
     ids = Competition(dataset).train_ids[:2]
-    folders = data.build_tile_caches(dataset, ids, CFG, tmp_path, progress=False)
+    folders = data.build_caches(dataset, ids, CFG, tmp_path, progress=False)
     stained = DataConfig(**{**CFG.__dict__, "stain_norm": "reinhard"})
     # Tiles are cached as read: the normalisation is not a cache input.
-    assert data.build_tile_caches(dataset, ids, stained, tmp_path, progress=False) == folders
+    assert data.build_caches(dataset, ids, stained, tmp_path, progress=False) == folders
     stats = []
     for slide_id, folder in zip(ids, folders, strict=True):
         with Slide(Competition(dataset).slide_path(slide_id)) as slide:
@@ -428,7 +428,7 @@ def test_loader_workers_persist_with_one_opencv_thread_each():
 def test_augmentation_depends_on_the_seed_alone_not_on_the_workers(dataset, tmp_path):
     """Batches are the same with 0 or 2 workers, and a loader started at epoch 2 (a resumed run)
     gives what the loader whose workers persisted since epoch 1 gives."""
-    folders = data.build_tile_caches(
+    folders = data.build_caches(
         dataset, Competition(dataset).train_ids, CFG, tmp_path, progress=False
     )
     ds = TileDataset(folders, train_transforms())

@@ -15,6 +15,7 @@ from kit.cli import add_train_arguments, config_from_args
 from kit.competition import Competition
 from kit.data import (
     DataConfig,
+    build_caches,
     build_tile_cache,
     cache_stain_stats,
     downscale_mask,
@@ -26,7 +27,6 @@ from kit.sampling import (
     CELL,
     CropDataset,
     build_slide_cache,
-    build_slide_caches,
     cell_counts,
     crop_window,
     pick,
@@ -438,11 +438,16 @@ def test_pseudo_labels_give_the_slide_cache_its_mask(dataset, tmp_path):
         shape = slide.shape
     box = np.zeros(shape, np.uint8)
     box[100:260, 150:330] = 1
-    folder = build_slide_caches(
-        dataset, [slide_id], CFG, tmp_path, progress=False, masks={slide_id: encode(box)}
+    folder = build_caches(
+        dataset, [slide_id], CFG, tmp_path, masks={slide_id: encode(box)}, build=build_slide_cache
     )[0]
     np.testing.assert_array_equal(np.load(folder / "mask.npy"), downscale_mask(box, CFG.scale))
-    other = build_slide_caches(
-        dataset, [slide_id], CFG, tmp_path, progress=False, masks={slide_id: encode(box * 0)}
+    other = build_caches(
+        dataset,
+        [slide_id],
+        CFG,
+        tmp_path,
+        masks={slide_id: encode(box * 0)},
+        build=build_slide_cache,
     )[0]
     assert other != folder and not np.load(other / "mask.npy").any()
