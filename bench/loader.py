@@ -45,11 +45,11 @@ class TiffWindows(Dataset):
 
     def __init__(self, data_dir: Path, index: pd.DataFrame, cfg: DataConfig, transforms):
         self.data_dir, self.index, self.cfg, self.transforms = data_dir, index, cfg, transforms
-        table = pd.read_csv(data_dir / "train.csv", index_col="id")
+        self.comp = Competition(data_dir)  # the one reader of the competition folder
         self.masks = {}
         for slide_id in index["id"].unique():  # the seeds kept every whole mask in memory
-            with Slide(Competition(data_dir).slide_path(slide_id)) as slide:
-                self.masks[slide_id] = decode(table.at[slide_id, "encoding"], slide.shape)
+            with Slide(self.comp.slide_path(slide_id)) as slide:
+                self.masks[slide_id] = decode(self.comp.truth(slide_id), slide.shape)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -57,7 +57,7 @@ class TiffWindows(Dataset):
     def __getitem__(self, i: int):
         row = self.index.iloc[i]
         rows, cols = slice(int(row.y0), int(row.y1)), slice(int(row.x0), int(row.x1))
-        with Slide(Competition(self.data_dir).slide_path(row.id)) as slide:
+        with Slide(self.comp.slide_path(row.id)) as slide:
             image = slide.read(rows, cols)
         mask = np.zeros(image.shape[:2], np.uint8)
         part = self.masks[row.id][max(rows.start, 0) : rows.stop, max(cols.start, 0) : cols.stop]
