@@ -509,21 +509,18 @@ def train_dataset(
     Slides of ``labels`` get their masks from it. With ``cfg.data.stain_norm`` every tile is
     mapped onto the mean stain statistics of these slides (`stain_target`)."""
     transforms = train_transforms(stain_augment=cfg.stain_augment)
-    if cfg.data.sampling == "centred":
+    centred = cfg.data.sampling == "centred"
+    if centred:
         masks = labels.masks if labels is not None else None
         folders = build_caches(
-            cfg.data_dir,
-            ids,
-            cfg.data,
-            tile_cache_dir(cfg),
-            progress=progress,
-            masks=masks,
+            cfg.data_dir, ids, cfg.data, tile_cache_dir(cfg), progress=progress, masks=masks,
             build=build_slide_cache,
-        )
-        stain = {"stain_norm": cfg.data.stain_norm, "stain_target": stain_target(cfg, folders)}
-        return CropDataset(folders, cfg.data, transforms, **stain)
-    folders = tile_caches(cfg, ids, progress=progress, labels=labels)
+        )  # fmt: skip
+    else:
+        folders = tile_caches(cfg, ids, progress=progress, labels=labels)
     stain = {"stain_norm": cfg.data.stain_norm, "stain_target": stain_target(cfg, folders)}
+    if centred:
+        return CropDataset(folders, cfg.data, transforms, **stain)
     return TileDataset(folders, transforms, **stain)
 
 
