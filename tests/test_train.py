@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel
 from torch.overrides import TorchFunctionMode
 
 from kit.checkpoint import export_model, load_model, read_checkpoint
@@ -34,6 +35,7 @@ from kit.train import (
     PRESETS,
     TrainConfig,
     config_diff,
+    ema_update,
     evaluate,
     fit,
     preset,
@@ -567,6 +569,28 @@ def test_the_lovasz_weight_reaches_the_training_loss(dataset, tmp_path):
         fit(cfg)
         losses.append(float(read_history(tmp_path / f"l{weight}")[0]["train_loss"]))
     assert losses[1] > losses[0] + 0.01
+
+
+def test_ema_follows_the_warmed_up_recursion_and_forgets_the_initial_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = AveragedModel(model, multi_avg_fn=ema_update(0.995), use_buffers=True)
+    expected, steps = None, 270  # about a `cpu` recipe run
+    for n in range(steps + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(0.0 if n == 0 else 1.0)  # a step away from the start
+        model.train()(torch.randn(4, 3))  # moves the batch-norm buffers too
+        average.update_parameters(model)
+        value = 0.0 if n == 0 else 1.0
+        decay = min(0.995, (1 + n - 1) / (10 + n - 1)) if n else 0.0  # n - 1 earlier updates
+        expected = value if expected is None else decay * expected + (1 - decay) * value
+    for p in average.module.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, expected), rtol=1e-6, atol=0)
+    # a fixed 0.995 would keep 0.995 ** 270 = 26% of the start (0.0) in the average
+    assert expected > 0.999
+    bn, bn_average = model[1], average.module[1]
+    assert int(bn_average.num_batches_tracked) == int(bn.num_batches_tracked) == steps + 1
 
 
 def test_ema_weights_are_what_validation_scores_and_checkpoints_hold(dataset, tmp_path):
