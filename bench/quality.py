@@ -34,15 +34,14 @@ out-of-fold threshold; and at the recipe's own threshold). It also recomputes ea
 out-of-fold Dice from the fold checkpoints and prints the largest difference from oof.csv.
 A seed of ``quick-1024`` with 4 epochs takes about 15 minutes on 2 cores.
 
-Pseudo-labels (`kit.pseudo`, ``--pseudo``) are no recipe here: they need a submission of the
-test slides first, made by a trained model. Measure them by hand, the same fold and seed twice::
+The ``pseudo`` recipe is the ``cpu`` recipe plus pseudo-labels (`kit.pseudo`, ``--pseudo``): the
+``cpu`` model of the same seed (trained first when ``--out`` does not hold it) predicts the test
+slides through the submission path, and that CSV's masks join the training slides. By hand::
 
     python -m kit train --data DIR --out runs/r1 --preset cpu --fold 0 --seed 0
     python -m kit predict --data DIR --weights runs/r1/best.pt --out runs/r1/submission.csv
     python -m kit train --data DIR --out runs/r2 --preset cpu --fold 0 --seed 0 \
         --pseudo runs/r1/submission.csv
-
-and compare the two runs' held-out whole-slide Dice (their last lines), over several seeds.
 
 The recipes are `kit.train.preset` overrides (top-level fields, and ``data`` / ``infer``
 sections merged field by field), so a later issue adds a recipe with one line.
@@ -96,6 +95,8 @@ RECIPES = {
     # smp's U-Net on a ResNet-34 encoder (kit.unet), randomly initialised: no ImageNet weights
     # are at hand here (pass pretrained="auto" where resnet34-b627a593.pth is)
     "unet-resnet34": ("cpu", dict(model="unet_resnet34")),
+    # the same on ResNet-18: a U-Net whose 3 seeds fit a CPU session
+    "unet-resnet18": ("cpu", dict(model="unet_resnet18")),
     # each slide's tissue colours mapped onto the training slides' mean (kit.stain: Reinhard
     # in LAB, per-slide statistics from the thumbnail)
     "stain-norm": ("cpu", dict(data=dict(stain_norm="reinhard"))),
@@ -105,13 +106,19 @@ RECIPES = {
     "lovasz": ("cpu", dict(lovasz_weight=1.0)),
     # validating and saving an exponential moving average of the weights (the 2nd place's 0.995)
     "ema": ("cpu", dict(ema=0.995)),
+    # the cpu recipe plus the test slides, labelled by the cpu model of the same seed (PSEUDO)
+    "pseudo": ("cpu", dict()),
 }
+# recipe -> the recipe whose model (same seed) labels the test slides it trains on
+PSEUDO = {"pseudo": "cpu"}
 
 
 def recipe_config(name: str, data: Path, seed: int, fold: int, out: Path, epochs: int | None):
     """The TrainConfig of one run of recipe ``name``."""
     base, overrides = RECIPES[name]
     overrides = {**overrides, **({"epochs": epochs} if epochs else {})}
+    if name in PSEUDO:
+        overrides["pseudo"] = str(pseudo_csv(name, seed, out))
     epochs = preset(base, **overrides).epochs
     # validate only after the last epoch: the figure is the final model's, not a selected one
     return preset(
@@ -133,6 +140,26 @@ def config_digest(cfg) -> str:
     """What a run's result depends on: its config without the folders it writes to."""
     fields = {k: v for k, v in asdict(cfg).items() if k not in ("out", "cache_dir", "progress")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pseudo_csv(name: str, seed: int, out: Path) -> Path:
+    """Where the test-slide labels of pseudo-label recipe ``name`` and ``seed`` are written."""
+    return out / f"{name}-s{seed}-labels.csv"
+
+
+def label_test_slides(name: str, seed: int, data: Path, out: Path, args) -> Path:
+    """The submission CSV made by the ``PSEUDO[name]`` run of ``seed`` in ``out`` (trained
+    first when absent): the pseudo-labels of recipe ``name``."""
+    from kit.ensemble import load_predictor
+    from kit.submit import write_submission
+
+    csv, checkpoint = pseudo_csv(name, seed, out), out / f"{PSEUDO[name]}-s{seed}" / "best.pt"
+    if not checkpoint.exists():
+        run_recipe(PSEUDO[name], data, seed, args.fold, out, args.epochs)
+    if not csv.exists():
+        loaded = load_predictor([checkpoint])
+        write_submission(data, loaded.predictor, csv, loaded.cfg, progress=False)
+    return csv
 
 
 def run_recipe(name: str, data: Path, seed: int, fold: int, out: Path, epochs: int | None):
@@ -279,7 +306,8 @@ class Results:
         return None if hit.empty else hit.iloc[-1].to_dict()
 
     def add(self, row: dict) -> None:
-        self.rows = pd.concat([self.rows, pd.DataFrame([row])], ignore_index=True)
+        new = pd.DataFrame([row])
+        self.rows = new if self.rows.empty else pd.concat([self.rows, new], ignore_index=True)
         write_text(self.path, self.rows.to_csv(index=False))
 
 
@@ -292,6 +320,8 @@ def run_or_reuse(name: str, seed: int, data: Path, out: Path, results: Results, 
         for row in found:
             print(f"{row['recipe']} seed {seed}: dice {row['dice']:.4f} (results.csv)")
         return found
+    if name in PSEUDO:
+        label_test_slides(name, seed, data, out, args)
     dice, seconds, result = run_recipe(name, data, seed, args.fold, out, args.epochs)
     rows = [{"recipe": name, "seed": seed, "dice": dice, "seconds": seconds, "digest": digest}]
     print(f"{name} seed {seed}: dice {dice:.4f} in {seconds:.0f} s", flush=True)
