@@ -19,7 +19,10 @@ spread of the paired differences is below 0.01; the per-seed Dice are printed fo
 
 With ``--out DIR`` every finished (recipe, seed) is appended to DIR/results.csv with a digest of
 its config, and a later run with the same DIR reuses those rows instead of training again: a long
-table can be built over several sessions, or by two processes on disjoint recipes.
+table can be built over several sessions, or by processes on disjoint recipes, each with its own
+DIR (two processes must not share one results.csv). ``--report DIR [DIR ...]`` trains nothing and
+prints the table of the rows those folders hold. The ``vs cpu`` column is the mean (± sd) of a
+recipe's Dice minus the ``cpu`` row's on the same seed, over the seeds both have.
 
 ``--cortex-filter`` scores every trained model a second time with ``InferConfig.cortex_only``
 (predictions outside the slide's Cortex polygons zeroed) as a ``RECIPE+cortex-filter`` row: the
@@ -246,13 +249,47 @@ def cv_ensemble(name: str, data: Path, seed: int, fold: int, out: Path, epochs: 
     }  # fmt: skip
 
 
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per recipe: ``mean, std`` (over seeds, ddof 1), ``min, max, seeds`` and ``seconds``."""
+def summarise(rows: pd.DataFrame, baseline: str = "cpu") -> pd.DataFrame:
+    """Per recipe: ``mean, std`` (over seeds, ddof 1), ``min, max, seeds``, ``seconds``, and
+    ``vs BASELINE``: the mean and sd of its Dice minus the baseline's on the same seed (paired:
+    the same held-out slides and data order), over the seeds both have."""
     grouped = rows.groupby("recipe", sort=False)
     table = grouped["dice"].agg(["mean", "std", "min", "max", "count"])
     table["seconds"] = grouped["seconds"].mean()
     table["per seed"] = grouped["dice"].agg(lambda d: " ".join(f"{v:.4f}" for v in d))
+    base = rows[rows["recipe"] == baseline].set_index("seed")["dice"]
+    if not base.empty:
+        table[f"vs {baseline}"] = grouped.apply(lambda g: _paired(g, base), include_groups=False)
     return table.rename(columns={"count": "seeds"}).round(4)
+
+
+def _paired(group: pd.DataFrame, base: pd.Series) -> str:
+    diff = (group.set_index("seed")["dice"] - base).dropna()
+    if diff.empty:
+        return ""
+    sd = f" ± {diff.std():.4f}" if len(diff) > 1 else ""
+    return f"{diff.mean():+.4f}{sd} ({len(diff)})"
+
+
+def report(args, data: Path) -> pd.DataFrame:
+    """The rows of ``args.recipes`` x ``args.seeds`` found in the results.csv of the folders of
+    ``--report`` (each row with its own folder's config digest), without training anything."""
+    rows, missing = [], []
+    for name in args.recipes:
+        for seed in args.seeds:
+            wanted = [name, *([f"{name}+cortex-filter"] if args.cortex_filter else [])]
+            for recipe in wanted:
+                found = None
+                for out in args.report:
+                    digest = config_digest(recipe_config(name, data, seed, args.fold, out, None))
+                    found = found or Results(out / "results.csv").get(recipe, digest)
+                if found is None:
+                    missing.append(f"{recipe} seed {seed}")
+                else:
+                    rows.append(found)
+    if missing:
+        print("not in", " ".join(map(str, args.report)) + ":", ", ".join(missing))
+    return pd.DataFrame(rows, columns=Results.COLUMNS)
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -269,18 +306,29 @@ def main(argv=None) -> pd.DataFrame:
         action="store_true",
         help="also score each trained model with InferConfig.cortex_only (a '+cortex-filter' row)",
     )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: the table of the rows already in these --out folders' results.csv",
+    )
     args = parser.parse_args(argv)
     data = args.data or default_dataset(profile="realistic")
     if args.cv_ensemble:
         return main_cv(args, data)
-    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
-        out = args.out or Path(tmp)
-        results = Results(out / "results.csv")
-        rows = []
-        for name in args.recipes:
-            for seed in args.seeds:
-                rows += run_or_reuse(name, seed, data, out, results, args)
-    table = summarise(pd.DataFrame(rows))
+    if args.report:
+        rows = report(args, data)
+    else:
+        with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+            out = args.out or Path(tmp)
+            results = Results(out / "results.csv")
+            rows = []
+            for name in args.recipes:
+                for seed in args.seeds:
+                    rows += run_or_reuse(name, seed, data, out, results, args)
+        rows = pd.DataFrame(rows)
+    table = summarise(rows)
     print(f"\nheld-out whole-slide Dice, {data}, fold {args.fold}, seeds {args.seeds}")
     print(table.to_string())
     return table
