@@ -105,7 +105,7 @@ RECIPES = {
     "stain-norm": ("cpu", dict(data=dict(stain_norm="reinhard"))),
     # albumentations' HEStain (stain-space colour jitter) on half the tiles
     "stain-aug": ("cpu", dict(stain_augment=0.5)),
-    # the Lovász hinge added to BCE + Dice (the 1st place's loss)
+    # the Lovász hinge (over the tiles with glomeruli) added to BCE + Dice (the 1st place's loss)
     "lovasz": ("cpu", dict(lovasz_weight=1.0)),
     # validating and saving an exponential moving average of the weights (the 2nd place's 0.995)
     "ema": ("cpu", dict(ema=0.995)),

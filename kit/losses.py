@@ -104,7 +104,7 @@ def bce_dice_loss(
 
 
 def lovasz_hinge(
-    logits: torch.Tensor, target: torch.Tensor, per_image: bool = True
+    logits: torch.Tensor, target: torch.Tensor, per_image: bool = True, skip_empty: bool = False
 ) -> torch.Tensor:
     """The Lovász hinge (Berman et al., 2018): a convex surrogate of the Jaccard loss.
 
@@ -117,6 +117,11 @@ def lovasz_hinge(
         logits: raw model outputs (computed in float32).
         target: 0/1 mask, float, uint8 or bool.
         per_image: one loss per sample, then their mean; False: the batch as one image.
+        skip_empty: per image only: the mean over the images with foreground (0 when none has
+            any). An empty image's hinge is ``relu(1 + max logit)``: its gradient falls on one
+            pixel, and the term stays near 1 for any realistic model, so on tiles that are mostly
+            background it swamps the loss (the competition's 1st place applied the Lovász hinge
+            to non-empty tiles only).
 
     Shape:
         - logits: (N, 1, h, w).
@@ -127,7 +132,11 @@ def lovasz_hinge(
     if not per_image:
         return _lovasz_flat(logits.flatten(), target.flatten())
     losses = [_lovasz_flat(lg.flatten(), t.flatten()) for lg, t in zip(logits, target, strict=True)]
-    return torch.stack(losses).mean()
+    losses = torch.stack(losses)
+    if not skip_empty:
+        return losses.mean()
+    kept = (target.flatten(1).amax(1) > 0).to(losses.dtype)  # no host sync: a weighted mean
+    return (losses * kept).sum() / kept.sum().clamp(min=1.0)
 
 
 def _lovasz_flat(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -147,7 +156,8 @@ def _jaccard_gradient(sorted_labels: torch.Tensor) -> torch.Tensor:
 
 
 class BCEDiceLoss(nn.Module):
-    """`bce_dice_loss` as a module, plus ``lovasz_weight *`` `lovasz_hinge` (per image).
+    """`bce_dice_loss` as a module, plus ``lovasz_weight *`` `lovasz_hinge` (per image, over the
+    images with foreground: ``skip_empty``).
 
     Shape:
         - logits: (N, 1, h, w).
@@ -176,7 +186,7 @@ class BCEDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = bce_dice_loss(logits, target, self.bce_weight, self.dice_weight, smooth=self.smooth)
         if self.lovasz_weight:
-            loss = loss + self.lovasz_weight * lovasz_hinge(logits, target)
+            loss = loss + self.lovasz_weight * lovasz_hinge(logits, target, skip_empty=True)
         return loss
 
     def extra_repr(self) -> str:

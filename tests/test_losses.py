@@ -124,12 +124,27 @@ def test_lovasz_hinge_hand_computed():
     assert lovasz_hinge(logits, target, per_image=False).item() == pytest.approx(1.225)
 
 
+def test_lovasz_hinge_can_leave_empty_images_out():
+    # image 0 as above (2.25); image 1 has no foreground: errors 1 + logit = [4, 0, 1.5, -1],
+    # Jaccard losses all 1, gradient [1, 0, 0, 0]: relu(4) = 4
+    logits = torch.tensor([[[[2.0, -1.0, 0.5, -3.0]]], [[[3.0, -1.0, 0.5, -2.0]]]])
+    target = torch.tensor([[[[1, 0, 0, 1]]], [[[0, 0, 0, 0]]]])
+    assert lovasz_hinge(logits[1:], target[1:]).item() == pytest.approx(4.0)
+    assert lovasz_hinge(logits, target).item() == pytest.approx((2.25 + 4.0) / 2)
+    assert lovasz_hinge(logits, target, skip_empty=True).item() == pytest.approx(2.25)
+    assert lovasz_hinge(logits[1:], target[1:], skip_empty=True).item() == 0.0
+    # BCEDiceLoss leaves them out: an empty image adds nothing beyond BCE + Dice
+    base = BCEDiceLoss()(logits[1:], target[1:]).item()
+    assert BCEDiceLoss(lovasz_weight=1.0)(logits[1:], target[1:]).item() == pytest.approx(base)
+
+
 def test_lovasz_weight_adds_the_hinge_to_bce_dice():
     logits = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     target = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     base = BCEDiceLoss()(logits, target)
     both = BCEDiceLoss(lovasz_weight=0.5)(logits, target)
-    assert both.item() == pytest.approx(base.item() + 0.5 * lovasz_hinge(logits, target).item())
+    hinge = lovasz_hinge(logits, target, skip_empty=True)
+    assert both.item() == pytest.approx(base.item() + 0.5 * hinge.item())
     logits.requires_grad_(True)
     BCEDiceLoss(lovasz_weight=1.0)(logits, target).backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
