@@ -1,0 +1,59 @@
+"""bench/quality.py's bookkeeping: the paired table and the report of finished runs."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(*items):
+    return pd.DataFrame(
+        [dict(recipe=r, seed=s, dice=d, seconds=1.0, digest="x") for r, s, d in items]
+    )
+
+
+def test_summarise_pairs_each_recipe_with_the_baseline_by_seed(quality):
+    table = quality.summarise(
+        rows(
+            ("cpu", 0, 0.90),
+            ("cpu", 1, 0.80),
+            ("cpu", 2, 0.85),
+            ("ema", 1, 0.84),
+            ("ema", 0, 0.91),
+            ("ema", 2, 0.90),
+            ("solo", 5, 0.5),
+        )  # fmt: skip
+    )
+    # differences +0.01, +0.04, +0.05 by seed, whatever the row order: mean 0.0333, sd 0.0208
+    assert table.loc["ema", "vs cpu"] == "+0.0333 ± 0.0208 (3)"
+    assert table.loc["cpu", "vs cpu"] == "+0.0000 ± 0.0000 (3)"
+    assert table.loc["solo", "vs cpu"] == ""  # no seed in common
+    assert table.loc["ema", "mean"] == pytest.approx(0.8833, abs=1e-4)
+
+
+def test_report_reads_only_rows_of_the_current_configs(quality, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "runs"
+    out.mkdir()
+    digest = quality.config_digest(quality.recipe_config("cpu", data, 0, 0, out, None))
+    other = quality.config_digest(quality.recipe_config("cpu", data, 1, 0, out, None))
+    assert digest != other
+    results = quality.Results(out / "results.csv")
+    results.add(dict(recipe="cpu", seed=0, dice=0.9, seconds=1.0, digest=digest))
+    results.add(dict(recipe="cpu", seed=1, dice=0.8, seconds=1.0, digest="stale"))
+    args = argparse.Namespace(
+        recipes=["cpu"], seeds=[0, 1], fold=0, report=[out], cortex_filter=False
+    )
+    found = quality.report(args, data)
+    assert found[["recipe", "seed", "dice"]].values.tolist() == [["cpu", 0, 0.9]]
