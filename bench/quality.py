@@ -1,6 +1,6 @@
 """Which training recipe is better? Held-out whole-slide Dice on held-out patients, over seeds.
 
-    .venv/bin/python bench/quality.py                          # every recipe, 3 seeds
+    .venv/bin/python bench/quality.py                          # DEFAULT_RECIPES, 3 seeds
     .venv/bin/python bench/quality.py --recipes quick-1024 quick-256 --seeds 0 1 2 --epochs 8
     .venv/bin/python bench/quality.py --data DIR --fold 1      # another held-out patient group
 
@@ -111,7 +111,16 @@ RECIPES = {
     "ema": ("cpu", dict(ema=0.995)),
     # the cpu recipe plus the test slides, labelled by the cpu model of the same seed (PSEUDO)
     "pseudo": ("cpu", dict()),
+    # GPU scale (35 epochs of batch 16; hours on a CPU): the `full` preset's FCN-ResNet50 against
+    # a U-Net on ResNet-34, each from the local weight files `pretrained="auto"` finds
+    "full": ("full", dict()),
+    "full-unet-resnet34": ("full", dict(model="unet_resnet34")),
 }
+# what a run without --recipes compares: the cpu-scale recipes of issue 14
+DEFAULT_RECIPES = [
+    "cpu", "centred", "cortex-weighted", "unet-resnet18", "stain-norm", "stain-aug", "lovasz",
+    "ema", "pseudo",
+]  # fmt: skip
 # recipe -> the recipe whose model (same seed) labels the test slides it trains on
 PSEUDO = {"pseudo": "cpu"}
 
@@ -295,7 +304,7 @@ def report(args, data: Path) -> pd.DataFrame:
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, help="default: the realistic synthetic dataset")
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=DEFAULT_RECIPES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fold", type=int, default=0, help="held-out patient fold")
     parser.add_argument("--epochs", type=int, help="override every recipe's epochs")
