@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from numba import njit
 
 from kit.tiling import Tile
 
@@ -133,8 +134,59 @@ class StripMerger:
                 if self.mode == "nearest":  # thresholding commutes with nearest: upsample 0/1
                     low = (low > t).view(np.uint8)
             dy = y0 - tile.y0 - r0 * s
+            if binary and self.mode == "bilinear":
+                _bilinear_above(low, s, np.float32(t), dy, dx, strip[rows])
+                continue
             up = upsample(low, s, self.mode)[dy : dy + y1 - y0, dx : dx + core_w]
-            strip[rows] = up > t if binary and up.dtype != np.uint8 else up
+            strip[rows] = up
+
+
+def _bilinear_above(
+    low: np.ndarray, scale: int, threshold: np.float32, dy: int, dx: int, out: np.ndarray
+) -> None:
+    """``out[:] = upsample(low, scale)[dy:dy + h, dx:dx + w] > threshold``, (h, w) = out.shape,
+    in one pass without the float32 picture: the same float32 operations in the same order as
+    `_linear_rows` then `_linear_cols` (so the same bits), compared in float32 as NumPy
+    compares a float32 array with a Python float."""
+    phases = _phases(scale)
+    side = np.array([p[0] for p in phases], np.int64)
+    own = np.array([p[1] for p in phases], np.float32)
+    other = np.array([p[2] for p in phases], np.float32)
+    _bilinear_above_kernel(np.ascontiguousarray(low), side, own, other, threshold, dy, dx, out)
+
+
+@njit(cache=True, nogil=True)
+def _bilinear_above_kernel(low, side, own, other, threshold, dy, dx, out):  # pragma: no cover
+    h, w = low.shape
+    scale = own.shape[0]
+    rows, cols = out.shape
+    # per output row: the low-res row and its neighbour, and their weights (likewise per column)
+    k, kk, row_own, row_other = _taps(dy, rows, scale, h, side, own, other)
+    m, mm, col_own, col_other = _taps(dx, cols, scale, w, side, own, other)
+    for j in range(cols):  # column by column, down each: ``out`` is a band of a Fortran strip
+        a, b, c, d = m[j], mm[j], col_own[j], col_other[j]
+        for i in range(rows):
+            # the row pass at columns a and b, then the column pass between them
+            here = low[k[i], a] * row_own[i] + low[kk[i], a] * row_other[i]
+            there = low[k[i], b] * row_own[i] + low[kk[i], b] * row_other[i]
+            out[i, j] = 1 if here * c + there * d > threshold else 0
+
+
+@njit(cache=True, nogil=True)
+def _taps(start, n, scale, size, side, own, other):  # pragma: no cover
+    """For output pixels start..start + n - 1 of one axis: source index, neighbour index
+    (clamped to the source's size), own weight, neighbour weight."""
+    index = np.empty(n, np.int64)
+    neighbour = np.empty(n, np.int64)
+    w_own = np.empty(n, np.float32)
+    w_other = np.empty(n, np.float32)
+    for t in range(n):
+        block, phase = divmod(start + t, scale)
+        index[t] = block
+        neighbour[t] = min(max(block + side[phase], 0), size - 1)
+        w_own[t] = own[phase]
+        w_other[t] = other[phase]
+    return index, neighbour, w_own, w_other
 
 
 def _source_span(core0: int, core1: int, valid: int, scale: int) -> tuple[int, int]:

@@ -140,6 +140,24 @@ def test_mask_merged_in_row_bands_equals_whole_image(
     np.testing.assert_array_equal(collect(strips, shape, np.uint8), expected)
 
 
+@pytest.mark.parametrize("threshold", [0.37, 0.5000001, 0.93])
+@pytest.mark.parametrize(
+    ("shape", "window", "overlap", "scale", "mode"), [EXACT_CASES[6], EXACT_CASES[8]]
+)
+def test_the_mask_is_the_probabilities_above_any_threshold(
+    tmp_path, write_tiff, threshold, shape, window, overlap, scale, mode
+):
+    # The mask path thresholds as it upsamples, never holding the probabilities: the same
+    # pixels as thresholding the probability strips (a float32 array against a Python float).
+    image = smooth_image(shape, seed=5)
+    path = write_tiff(tmp_path / "s.tiff", image)
+    cfg = InferConfig(window, overlap, scale, upsample=mode, tissue=False, threshold=threshold)
+    probs = collect(iter_probability_strips(path, pointwise, cfg), shape, np.float32)
+    expected = (probs > threshold).astype(np.uint8)
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_array_equal(predict_slide(path, pointwise, cfg), expected)
+
+
 @pytest.mark.parametrize(
     ("layout", "tile"), [("rgb", None), ("planes", (64, 64)), ("planes", None)]
 )
