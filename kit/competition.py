@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kit.atomic import write_text
+
 INFO_CSV = "HuBMAP-20-dataset_information.csv"
 
 Polygon = list[np.ndarray]  # rings, exterior first then holes; each a (k, 2) float64 (x, y) array
@@ -85,6 +87,32 @@ class Competition:
                 raise ValueError(f"{path}: no column {column!r}")
         ids = table["image_file"].str.replace(r"\.tiff?$", "", regex=True)
         return dict(zip(ids, table["patient_number"], strict=True))
+
+    def subset(self, keep: list[str], out: str | os.PathLike) -> Competition:
+        """A competition folder at ``out`` whose ``train.csv`` lists only the slides ``keep``
+        (their rows copied from this one, in this one's order); every other file, and the kept
+        slides' files, symlinked. ``out`` may already hold such a view: it is brought up to date.
+
+        For training on part of the slides with code that reads a whole folder (cross-validation
+        without a held-out fold's patients). ValueError naming any id not in ``train.csv``.
+        """
+        table = self._ids_csv("train.csv")
+        unknown = [i for i in keep if i not in table.index]
+        if unknown:
+            raise ValueError(f"id(s) not in {self.root / 'train.csv'}: {', '.join(unknown)}")
+        out = Path(out)
+        (out / "train").mkdir(parents=True, exist_ok=True)
+        for name in (INFO_CSV, "sample_submission.csv", "test"):
+            if (self.root / name).exists() and not (out / name).exists():
+                (out / name).symlink_to((self.root / name).resolve())
+        for path in (self.root / "train").iterdir():
+            # train/{id}.tiff, {id}.json, {id}-anatomical-structure.json
+            if path.name.split(".")[0].removesuffix("-anatomical-structure") in keep:
+                if not (out / "train" / path.name).exists():
+                    (out / "train" / path.name).symlink_to(path.resolve())
+        rows = table.loc[[i for i in table.index if i in set(keep)]]
+        write_text(out / "train.csv", rows.reset_index().to_csv(index=False))
+        return Competition(out)
 
     # ------------------------------------------------------------------ slides
 

@@ -16,6 +16,7 @@ O(H x strip width).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -148,11 +149,23 @@ def _bilinear_above(
     in one pass without the float32 picture: the same float32 operations in the same order as
     `_linear_rows` then `_linear_cols` (so the same bits), compared in float32 as NumPy
     compares a float32 array with a Python float."""
-    phases = _phases(scale)
-    side = np.array([p[0] for p in phases], np.int64)
-    own = np.array([p[1] for p in phases], np.float32)
-    other = np.array([p[2] for p in phases], np.float32)
+    side, own, other = _phase_arrays(scale)
     _bilinear_above_kernel(np.ascontiguousarray(low), side, own, other, threshold, dy, dx, out)
+
+
+@functools.lru_cache(maxsize=8)
+def _phase_arrays(scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_phases` as the kernel's three arrays (side, own, other), built once per scale rather
+    than once per band (read-only: they are shared)."""
+    phases = _phases(scale)
+    arrays = (
+        np.array([p[0] for p in phases], np.int64),
+        np.array([p[1] for p in phases], np.float32),
+        np.array([p[2] for p in phases], np.float32),
+    )
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
 
 
 @njit(cache=True, nogil=True)

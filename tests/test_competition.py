@@ -103,3 +103,21 @@ def test_synthetic_folder_patients_cover_train_and_missing_info(tmp_path):
         _ = Competition(tmp_path).patients
     with pytest.raises(FileNotFoundError, match="HuBMAP-20"):
         _ = Competition(tmp_path / "missing").patients
+
+
+def test_subset_lists_only_the_kept_slides_and_links_their_files(tmp_path):
+    data = make_dataset(tmp_path / "ds", slides=3, test_slides=1, size=(470, 590), seed=1)
+    comp = Competition(data)
+    dropped, *keep = comp.train_ids
+    view = comp.subset(keep[::-1], tmp_path / "view")  # the source's order, not the argument's
+    assert view.train_ids == keep
+    assert [view.truth(i) for i in keep] == [comp.truth(i) for i in keep]
+    assert view.test_ids == comp.test_ids and view.patients == comp.patients
+    assert view.slide_path(keep[0]).resolve() == comp.slide_path(keep[0]).resolve()
+    assert view.polygons_path(keep[0]).is_symlink()
+    assert not (view.root / "train" / f"{dropped}.tiff").exists()
+    # brought up to date in place: a smaller view drops the row, the files stay linked
+    assert comp.subset(keep[:1], tmp_path / "view").train_ids == keep[:1]
+    with pytest.raises(ValueError, match="'?nope'?.*train.csv|train.csv.*nope"):
+        comp.subset(["nope"], tmp_path / "other")
+    assert not (tmp_path / "other").exists()  # nothing written for a bad id

@@ -57,3 +57,29 @@ def test_report_reads_only_rows_of_the_current_configs(quality, tmp_path):
     )
     found = quality.report(args, data)
     assert found[["recipe", "seed", "dice"]].values.tolist() == [["cpu", 0, 0.9]]
+
+
+def test_the_baseline_is_the_grid_and_best_is_the_cpu_preset_without_the_filter(quality, tmp_path):
+    from dataclasses import replace
+
+    from kit.train import preset
+
+    def config(name):
+        return quality.recipe_config(name, tmp_path / "data", 0, 0, tmp_path / "runs", None)
+
+    cpu, best = config("cpu"), config("best")
+    assert (cpu.data.sampling, cpu.data.region_weighting, cpu.data.stain_norm) == (
+        "grid", False, "none",
+    )  # fmt: skip
+    assert cpu.lovasz_weight == 0.0 and not cpu.infer.cortex_only
+    shipped = preset("cpu", **{k: getattr(best, k) for k in ("data_dir", "out", "cache_dir")})
+    shipped = replace(shipped, group_by="patient", eval_every=best.eval_every, resume=False)
+    shipped = replace(shipped, progress=False, infer=replace(shipped.infer, cortex_only=False))
+    assert shipped == best  # the cpu preset is the best recipe, its +cortex-filter row
+    # every issue-14 recipe differs from the baseline in the field it names, nothing else
+    stain = config("stain-norm")
+    data, infer = (
+        replace(cpu.data, stain_norm="reinhard"),
+        replace(cpu.infer, stain_norm="reinhard"),
+    )
+    assert stain == replace(cpu, out=stain.out, data=data, infer=infer)
