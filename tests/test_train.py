@@ -610,3 +610,37 @@ def test_ema_weights_are_what_validation_scores_and_checkpoints_hold(dataset, tm
     assert "raw_model_state" not in read_checkpoint(exported / "last.pt")
     with pytest.raises(ValueError, match="ema must be a decay"):
         preset("quick", ema=1.0)
+
+
+@pytest.mark.slow  # ~20 s
+def test_the_cpu_preset_trains_with_its_recipe_and_submits_inside_the_cortex(dataset, tmp_path):
+    from kit.polygons import rasterize
+    from kit.rle import decode
+    from kit.submit import read_submission, write_submission
+    from kit.train import RECIPE
+
+    run = tmp_path / "run"
+    argv = tiny_args(dataset, run, tmp_path / "cache", epochs=1)
+    cfg = parse(["--preset", "cpu", *argv, "--crops-per-slide", "8"])
+    saved = asdict(cfg)
+    for key, value in RECIPE.items():  # the quality table's recipe, through the command line
+        got = {k: saved[key][k] for k in value} if isinstance(value, dict) else saved[key]
+        assert got == value, key
+    fit(cfg)
+    loaded = load_predictor([run], device="cpu")
+    assert loaded.cfg.cortex_only and loaded.cfg.stain_norm == "reinhard"
+    assert loaded.cfg.stain_target is not None
+    # At threshold 0 every tissue window is foreground: the filter is what bounds the mask.
+    comp, masks = Competition(dataset), {}
+    for cortex_only in (True, False):
+        cfg = replace(loaded.cfg, threshold=0.0, cortex_only=cortex_only)
+        csv = write_submission(dataset, loaded.predictor, tmp_path / f"{cortex_only}.csv", cfg)
+        masks[cortex_only] = read_submission(csv).set_index("id")["predicted"]
+    (slide_id,) = comp.test_ids
+    with Slide(comp.slide_path(slide_id)) as slide:
+        shape = slide.shape[:2]
+    cortex = rasterize(comp.cortex(slide_id), shape).astype(bool)
+    inside, anywhere = (decode(masks[k][slide_id], shape).astype(bool) for k in (True, False))
+    assert inside.any() and not (inside & ~cortex).any()
+    assert (anywhere & ~cortex).any()  # without the filter the model predicts outside it
+    np.testing.assert_array_equal(inside, anywhere & cortex)
