@@ -91,7 +91,8 @@ class Competition:
     def subset(self, keep: list[str], out: str | os.PathLike) -> Competition:
         """A competition folder at ``out`` whose ``train.csv`` lists only the slides ``keep``
         (their rows copied from this one, in this one's order); every other file, and the kept
-        slides' files, symlinked. ``out`` may already hold such a view: it is brought up to date.
+        slides' files, symlinked. ``out`` may already hold such a view: its ``train.csv`` is
+        rewritten (links to slides no longer kept stay; ``train.csv`` is what lists the slides).
 
         For training on part of the slides with code that reads a whole folder (cross-validation
         without a held-out fold's patients). ValueError naming any id not in ``train.csv``.

@@ -244,8 +244,7 @@ RECIPE = dict(
     lovasz_weight=1.0,
     infer=dict(cortex_only=True),
 )
-for _name in ("cpu", "full"):
-    PRESETS[_name] = merge_config(PRESETS[_name], RECIPE)
+PRESETS.update({name: merge_config(PRESETS[name], RECIPE) for name in ("cpu", "full")})
 
 
 def preset(name: str, **overrides) -> TrainConfig:
