@@ -24,6 +24,11 @@ DIR (two processes must not share one results.csv). ``--report DIR [DIR ...]`` t
 prints the table of the rows those folders hold. The ``vs cpu`` column is the mean (± sd) of a
 recipe's Dice minus the ``cpu`` row's on the same seed, over the seeds both have.
 
+The table of issue 14, measured on one H200 (bf16 autocast, every recipe and seed its own
+process, 12 at once: its seconds are not a speed figure), is committed: ``--report
+bench/results/quality-h200 --cortex-filter`` prints it here (rows are keyed by a digest of the
+config with the dataset and pseudo-label file by name, not path).
+
 ``--cortex-filter`` scores every trained model a second time with ``InferConfig.cortex_only``
 (predictions outside the slide's Cortex polygons zeroed) as a ``RECIPE+cortex-filter`` row: the
 same model, so the difference from the recipe's row is the filter's alone, at the cost of one
@@ -182,8 +187,12 @@ def recipe_config(name: str, data: Path, seed: int, fold: int, out: Path, epochs
 
 
 def config_digest(cfg) -> str:
-    """What a run's result depends on: its config without the folders it writes to."""
+    """What a run's result depends on: its config without the folders it writes to, the dataset
+    and the pseudo-label file by name only (the dataset folder's name carries its version), so
+    that rows measured on another machine (bench/results) are found where the paths differ."""
     fields = {k: v for k, v in asdict(cfg).items() if k not in ("out", "cache_dir", "progress")}
+    fields["data_dir"] = Path(cfg.data_dir).name
+    fields["pseudo"] = Path(cfg.pseudo).name if cfg.pseudo else ""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -59,6 +59,33 @@ def test_report_reads_only_rows_of_the_current_configs(quality, tmp_path):
     assert found[["recipe", "seed", "dice"]].values.tolist() == [["cpu", 0, 0.9]]
 
 
+def test_a_row_measured_under_other_paths_is_found_and_another_dataset_is_not(quality, tmp_path):
+    # bench/results holds rows measured on another machine: the dataset folder and the run
+    # folders (where a pseudo-label CSV is written) were elsewhere; the folder names are the same.
+    def digest(name, data, out, seed=0):
+        return quality.config_digest(quality.recipe_config(name, data, seed, 0, out, None))
+
+    here = tmp_path / "a" / "synthetic-realistic-v3"
+    there = Path("/elsewhere/synthetic-realistic-v3")
+    for name in ("cpu", "pseudo", "best-pseudo"):
+        assert digest(name, here, tmp_path / "runs") == digest(name, there, Path("/tmp/q/p0"))
+    assert digest("cpu", here, tmp_path) != digest("cpu", here.with_name("synthetic-v3"), tmp_path)
+    assert digest("pseudo", here, tmp_path) != digest("pseudo", here, tmp_path, seed=1)
+    assert digest("pseudo", here, tmp_path) != digest("cpu", here, tmp_path)
+
+    # every committed row is found under today's configs; the H200 table is complete
+    for machine, complete in (("quality-h200", True), ("quality-cpu", False)):
+        committed = REPO / "bench" / "results" / machine
+        args = argparse.Namespace(
+            recipes=quality.DEFAULT_RECIPES, seeds=[0, 1, 2], fold=0, report=[committed],
+            cortex_filter=True,
+        )  # fmt: skip
+        rows = pd.read_csv(committed / "results.csv")
+        assert len(quality.report(args, here)) == len(rows) > 0, machine
+        if complete:  # every recipe, with and without the filter, on every seed
+            assert len(rows) == 2 * 3 * len(quality.DEFAULT_RECIPES)
+
+
 def test_the_baseline_is_the_grid_and_best_is_the_cpu_preset_without_the_filter(quality, tmp_path):
     from dataclasses import replace
 
