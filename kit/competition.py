@@ -101,17 +101,17 @@ class Competition:
         unknown = [i for i in keep if i not in table.index]
         if unknown:
             raise ValueError(f"id(s) not in {self.root / 'train.csv'}: {', '.join(unknown)}")
-        out = Path(out)
+        out, kept = Path(out), set(keep)
         (out / "train").mkdir(parents=True, exist_ok=True)
         for name in (INFO_CSV, "sample_submission.csv", "test"):
             if (self.root / name).exists() and not (out / name).exists():
                 (out / name).symlink_to((self.root / name).resolve())
         for path in (self.root / "train").iterdir():
             # train/{id}.tiff, {id}.json, {id}-anatomical-structure.json
-            if path.name.split(".")[0].removesuffix("-anatomical-structure") in keep:
+            if path.name.split(".")[0].removesuffix("-anatomical-structure") in kept:
                 if not (out / "train" / path.name).exists():
                     (out / "train" / path.name).symlink_to(path.resolve())
-        rows = table.loc[[i for i in table.index if i in set(keep)]]
+        rows = table.loc[[i for i in table.index if i in kept]]
         write_text(out / "train.csv", rows.reset_index().to_csv(index=False))
         return Competition(out)
 
